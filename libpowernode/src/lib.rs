@@ -1,1 +1,38 @@
-//! placeholder
+//! libpowernode: the domain logic shared by every powernode daemon and the `powernode-agent` CLI.
+//!
+//! Nothing in here is a daemon. Services under `services/` are thin crates that parse arguments,
+//! apply their sandbox profile and call into these modules. Layering, bottom up: `error`, `paths`,
+//! `fsutil` → `config`, `api`, `bus` → `identity`, `pki`, `transport`, `enroll`, `heartbeat` →
+//! `systemd`, `sandbox` (process plumbing used at daemon start).
+
+pub mod api;
+pub mod bus;
+pub mod config;
+pub mod daemon;
+pub mod enroll;
+pub mod error;
+pub mod fsutil;
+pub mod heartbeat;
+pub mod identity;
+pub mod paths;
+pub mod pki;
+pub mod retry;
+pub mod sandbox;
+pub mod sysinfo;
+pub mod systemd;
+pub mod transport;
+
+pub use error::{Error, ErrorKind, Result};
+
+/// The agent version reported to the platform and on D-Bus.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Architecture name in the platform's vocabulary (Go's GOARCH, as the upstream agent sends).
+pub fn architecture() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "arm" => "arm",
+        other => other,
+    }
+}

@@ -1,1 +1,24 @@
-fn main() {}
+//! `powernode-agent`: the operator CLI, the resident agent service and, through argv[0], the
+//! entry point of every daemon of the suite (so an initramfs can ship one file plus symlinks).
+
+mod cli;
+mod multicall;
+mod output;
+mod service;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match multicall::callname_from_argv0(argv.first().map(|s| s.as_os_str())) {
+        multicall::Callname::Identityd => powernode_identityd::entry(argv),
+        multicall::Callname::Enrolld => powernode_enrolld::entry(argv),
+        multicall::Callname::Ipn => {
+            eprintln!(
+                "ipn: the legacy flag interface is not available in this build; use `powernode-agent <command>`"
+            );
+            ExitCode::from(1)
+        }
+        multicall::Callname::Agent => cli::main(argv),
+    }
+}

@@ -1,1 +1,3 @@
-fn main() {}
+fn main() -> std::process::ExitCode {
+    powernode_enrolld::entry(std::env::args_os())
+}

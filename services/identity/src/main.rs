@@ -1,1 +1,3 @@
-fn main() {}
+fn main() -> std::process::ExitCode {
+    powernode_identityd::entry(std::env::args_os())
+}

@@ -1,1 +1,198 @@
-fn main() {}
+//! `powernode-devplatform`: the development platform. A real HTTPS + mTLS server for the
+//! node_api contract (its own CA, single-use bootstrap tokens, instance JWTs, an embedded store
+//! that survives restarts) plus the admin CLI that works on the same state directory. This file
+//! only parses arguments, sets up logging and dispatches.
+
+mod admin;
+mod api;
+mod ca;
+mod fsutil;
+mod jwt;
+mod server;
+mod store;
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "powernode-devplatform", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve node_api over HTTPS with mTLS until SIGTERM/SIGINT.
+    Serve {
+        /// State directory (created if missing): CA, JWT secret, store.
+        #[arg(long = "state")]
+        state: PathBuf,
+        /// Address to listen on; port 0 picks a free port (the real one is printed).
+        #[arg(long)]
+        listen: String,
+        /// Extra DNS name or IP address for the server certificate (repeatable).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// `next_poll_seconds` returned by heartbeats.
+        #[arg(long, default_value_t = 30)]
+        next_poll_seconds: u64,
+        /// Lifetime of node client certificates.
+        #[arg(long, default_value_t = 7_776_000)]
+        cert_ttl_secs: u64,
+        /// Lifetime of instance JWTs.
+        #[arg(long, default_value_t = 86_400)]
+        jwt_ttl_secs: u64,
+    },
+    /// Bootstrap tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// List enrolled instances.
+    Instances {
+        #[arg(long = "state")]
+        state: PathBuf,
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Mint a single-use bootstrap token and print it.
+    Create {
+        #[arg(long = "state")]
+        state: PathBuf,
+        /// Instance the token enrolls; a fresh UUID v4 when omitted.
+        #[arg(long)]
+        instance_uuid: Option<String>,
+        /// Token lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+        /// Print `{"token","instance_uuid","expires_at"}`.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("powernode-devplatform: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if rustls::crypto::aws_lc_rs::default_provider()
+        .install_default()
+        .is_err()
+    {
+        tracing::debug!("a rustls crypto provider was already installed");
+    }
+    match cli.command {
+        Command::Serve {
+            state,
+            listen,
+            sans,
+            next_poll_seconds,
+            cert_ttl_secs,
+            jwt_ttl_secs,
+        } => {
+            let opts = server::ServeOptions {
+                state_dir: state,
+                listen,
+                sans,
+                config: api::ApiConfig {
+                    next_poll_seconds,
+                    cert_ttl_secs,
+                    jwt_ttl_secs,
+                },
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("building tokio runtime")?
+                .block_on(server::serve(opts))
+        }
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    state,
+                    instance_uuid,
+                    ttl_secs,
+                    json,
+                },
+        } => {
+            let t = admin::create_token(&state, instance_uuid.as_deref(), ttl_secs)?;
+            if json {
+                println!("{}", serde_json::to_string(&t)?);
+            } else {
+                println!("{}", t.token);
+            }
+            Ok(())
+        }
+        Command::Instances { state, json } => {
+            let instances = admin::list_instances(&state)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&instances)?);
+            } else {
+                print!("{}", admin::render_table(&instances));
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_defaults() {
+        let cli = Cli::try_parse_from([
+            "powernode-devplatform",
+            "serve",
+            "--state",
+            "/tmp/x",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .expect("parse");
+        let Command::Serve {
+            next_poll_seconds,
+            cert_ttl_secs,
+            jwt_ttl_secs,
+            sans,
+            ..
+        } = cli.command
+        else {
+            panic!("expected serve");
+        };
+        assert_eq!(
+            (next_poll_seconds, cert_ttl_secs, jwt_ttl_secs),
+            (30, 7_776_000, 86_400)
+        );
+        assert!(sans.is_empty());
+    }
+}

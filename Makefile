@@ -1,0 +1,56 @@
+# Entry points for developers and CI. `make test` is what .ci/run executes.
+# Everything here runs as root on Debian 12 (see shared/harness.md).
+
+SHELL := /bin/bash
+CARGO ?= cargo
+IMAGE_DIR := build/images/bookworm
+
+# Host packages the build and the tests need:
+#   debootstrap, systemd-container  the nspawn container tier (tests/systemd/mkimage.sh)
+#   dbus                            dbus-daemon for the private bus in host tests
+#   util-linux, passwd              setpriv/nsenter, groupadd
+#   socat                           forwarding into guests and containers
+#   pkg-config, libtss2-dev         building tss-esapi
+DEB_PACKAGES := debootstrap systemd-container dbus util-linux passwd socat pkg-config libtss2-dev ca-certificates
+
+.PHONY: all deps build image lint test demo bench clean-images
+
+all: build
+
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' "$$p" 2>/dev/null | grep -qx 'install ok installed' || echo "$$p"; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "deps: installing" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@$(CARGO) nextest --version >/dev/null 2>&1 || { echo "deps: installing cargo-nextest"; $(CARGO) install --locked cargo-nextest; }
+	@$(CARGO) fmt --version >/dev/null && $(CARGO) clippy --version >/dev/null
+
+build:
+	$(CARGO) build --workspace --all-targets
+
+image:
+	bash tests/systemd/mkimage.sh $(IMAGE_DIR)
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Steps run one after another even under `make -j`; nextest's summary is the last output.
+test:
+	@$(MAKE) --no-print-directory deps
+	@$(MAKE) --no-print-directory build
+	@$(MAKE) --no-print-directory image
+	@$(MAKE) --no-print-directory lint
+	$(CARGO) nextest run --workspace --no-fail-fast
+
+demo:
+	@echo "demo: see README"; exit 1
+
+bench:
+	@echo "bench: not yet"; exit 1
+
+clean-images:
+	rm -rf --one-file-system build/images

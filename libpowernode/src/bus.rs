@@ -1,0 +1,147 @@
+//! D-Bus names, object paths, error names and client proxies for every service of the suite.
+//!
+//! Conventions (docs/ARCHITECTURE.md §5): name = interface = `com.powernode.<Service>1` at
+//! `/com/powernode/<Service>1`; state is properties with change signals; errors are
+//! `com.powernode.Error.<Kind>` derived from [`crate::ErrorKind`]. The server-side interface
+//! implementations live in each daemon; these proxies are what the other daemons and the CLI use.
+
+use zbus::proxy;
+
+pub const IDENTITY_NAME: &str = "com.powernode.Identity1";
+pub const IDENTITY_PATH: &str = "/com/powernode/Identity1";
+pub const ENROLL_NAME: &str = "com.powernode.Enroll1";
+pub const ENROLL_PATH: &str = "/com/powernode/Enroll1";
+pub const AGENT_NAME: &str = "com.powernode.Agent1";
+pub const AGENT_PATH: &str = "/com/powernode/Agent1";
+
+/// Errors crossing the bus: one variant per [`crate::ErrorKind`], named
+/// `com.powernode.Error.<Kind>`, carrying the human message.
+#[derive(Debug, zbus::DBusError)]
+#[zbus(prefix = "com.powernode.Error")]
+pub enum BusError {
+    #[zbus(error)]
+    ZBus(zbus::Error),
+    Config(String),
+    Io(String),
+    Unreachable(String),
+    Refused(String),
+    Malformed(String),
+    TooLarge(String),
+    NotFound(String),
+    Crypto(String),
+    Identity(String),
+    Sandbox(String),
+    Bus(String),
+}
+
+impl From<crate::Error> for BusError {
+    fn from(e: crate::Error) -> Self {
+        use crate::ErrorKind as K;
+        let m = e.to_string();
+        match e.kind() {
+            K::Config => BusError::Config(m),
+            K::Io => BusError::Io(m),
+            K::Unreachable => BusError::Unreachable(m),
+            K::Refused => BusError::Refused(m),
+            K::Malformed => BusError::Malformed(m),
+            K::TooLarge => BusError::TooLarge(m),
+            K::NotFound => BusError::NotFound(m),
+            K::Crypto => BusError::Crypto(m),
+            K::Identity => BusError::Identity(m),
+            K::Sandbox => BusError::Sandbox(m),
+            K::Bus => BusError::Bus(m),
+        }
+    }
+}
+
+/// Map a method-call error received from the bus back to the library's taxonomy, so a CLI can
+/// choose its exit code (5 for Unreachable/Refused) from what a daemon reported.
+pub fn error_from_bus(e: zbus::Error) -> crate::Error {
+    use crate::Error as E;
+    if let zbus::Error::MethodError(name, msg, _) = &e {
+        let msg = msg.clone().unwrap_or_default();
+        match name.as_str().strip_prefix("com.powernode.Error.") {
+            Some("Unreachable") => return E::Unreachable(msg),
+            Some("Refused") => {
+                return E::Refused {
+                    status: 0,
+                    code: None,
+                    message: msg,
+                };
+            }
+            Some("Identity") => return E::Identity(msg),
+            Some("Config") => return E::Config(msg),
+            Some(other) => return E::Bus(format!("{other}: {msg}")),
+            None => {}
+        }
+    }
+    E::Bus(e.to_string())
+}
+
+#[proxy(
+    interface = "com.powernode.Identity1",
+    default_service = "com.powernode.Identity1",
+    default_path = "/com/powernode/Identity1"
+)]
+pub trait Identity1 {
+    /// Run discovery (or return the cached result) and return the instance id.
+    fn resolve(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn instance_id(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn source(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn platform_url(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn evidence(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn discovered_at(&self) -> zbus::Result<String>;
+}
+
+#[proxy(
+    interface = "com.powernode.Enroll1",
+    default_service = "com.powernode.Enroll1",
+    default_path = "/com/powernode/Enroll1"
+)]
+pub trait Enroll1 {
+    /// Enroll with the identity's bootstrap token unless PKI already exists; returns the instance id.
+    fn enroll(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn enrolled(&self) -> zbus::Result<bool>;
+    #[zbus(property)]
+    fn instance_id(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn certificate_serial(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn not_after(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn last_error(&self) -> zbus::Result<String>;
+}
+
+#[proxy(
+    interface = "com.powernode.Agent1",
+    default_service = "com.powernode.Agent1",
+    default_path = "/com/powernode/Agent1"
+)]
+pub trait Agent1 {
+    /// Send a heartbeat now instead of at the next tick.
+    fn heartbeat_now(&self) -> zbus::Result<()>;
+    #[zbus(property)]
+    fn instance_id(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn last_heartbeat(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn heartbeat_count(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn next_poll_seconds(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn last_error(&self) -> zbus::Result<String>;
+}
+
+/// Connect to the system bus (`DBUS_SYSTEM_BUS_ADDRESS` is honoured, which is how tests point
+/// the suite at a private bus).
+pub async fn system_bus() -> crate::Result<zbus::Connection> {
+    zbus::Connection::system().await.map_err(crate::Error::from)
+}

@@ -1,0 +1,246 @@
+//! The mTLS client for the platform's node_api.
+//!
+//! TLS 1.3 only; the server certificate must chain to the CA bundle that came with the identity
+//! (no system roots, as upstream); the node's Ed25519 certificate is presented on every instance
+//! call together with `Authorization: Bearer <instance JWT>`. Redirects are refused (a redirect to
+//! another host would leak the JWT) and every reply body is size-capped while it streams in.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::api::{decode, error_for_status};
+use crate::config::PlatformConfig;
+use crate::pki::Credentials;
+use crate::retry::parse_retry_after;
+use crate::{Error, Result};
+
+/// The client certificate a request is made with, if any (enrollment has none).
+#[derive(Clone, Copy)]
+pub struct ClientIdentity<'a> {
+    pub cert_chain_pem: &'a str,
+    pub key_pem: &'a str,
+}
+
+#[derive(Clone)]
+pub struct PlatformClient {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+    max_body: u64,
+}
+
+impl std::fmt::Debug for PlatformClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlatformClient")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parse every certificate of a PEM bundle.
+pub fn parse_certs(pem: &str, what: &'static str) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::malformed(what, e))?;
+    if certs.is_empty() {
+        return Err(Error::malformed(what, "no certificate in PEM"));
+    }
+    Ok(certs)
+}
+
+fn tls_config(
+    ca_bundle_pem: &str,
+    identity: Option<ClientIdentity<'_>>,
+) -> Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in parse_certs(ca_bundle_pem, "CA bundle")? {
+        roots.add(c).map_err(|e| Error::malformed("CA bundle", e))?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Crypto(e.to_string()))?
+        .with_root_certificates(roots);
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some(id) => {
+            let chain = parse_certs(id.cert_chain_pem, "node certificate")?;
+            let key = PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes())
+                .map_err(|e| Error::malformed("node key", e))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| Error::Crypto(format!("node certificate/key: {e}")))?
+        }
+    };
+    Ok(config)
+}
+
+impl PlatformClient {
+    /// A client for `platform_url` trusting only `ca_bundle_pem`.
+    pub fn new(
+        cfg: &PlatformConfig,
+        platform_url: &str,
+        ca_bundle_pem: &str,
+        identity: Option<ClientIdentity<'_>>,
+        token: Option<String>,
+    ) -> Result<Self> {
+        let url = cfg
+            .url
+            .as_deref()
+            .unwrap_or(platform_url)
+            .trim_end_matches('/');
+        if !url.starts_with("https://") {
+            return Err(Error::Config(format!(
+                "platform URL must be https://, got {url:?}"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls_config(ca_bundle_pem, identity)?)
+            .https_only(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(cfg.connect_timeout_secs))
+            .timeout(Duration::from_secs(cfg.request_timeout_secs))
+            .user_agent(concat!("powernode-agent/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Error::Config(format!("HTTP client: {e}")))?;
+        Ok(PlatformClient {
+            http,
+            base: format!("{url}{}", cfg.api_prefix),
+            token,
+            max_body: cfg.max_response_bytes,
+        })
+    }
+
+    /// The instance client: mTLS with the enrolled certificate plus the JWT.
+    pub fn from_credentials(cfg: &PlatformConfig, creds: &Credentials) -> Result<Self> {
+        let url = cfg
+            .url
+            .as_deref()
+            .or(creds.meta.platform_url.as_deref())
+            .ok_or_else(|| {
+                Error::Config("no platform URL: not in pki/meta.json nor platform.url".into())
+            })?;
+        let chain = format!("{}\n{}", creds.cert_pem.trim_end(), creds.ca_chain_pem);
+        PlatformClient::new(
+            cfg,
+            url,
+            &creds.ca_bundle_pem,
+            Some(ClientIdentity {
+                cert_chain_pem: &chain,
+                key_pem: &creds.key_pem,
+            }),
+            creds.token.clone(),
+        )
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// POST `body` as JSON to `path` (relative to the API prefix) and decode the envelope's data.
+    pub async fn post<Req: Serialize + ?Sized, Resp: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &Req,
+    ) -> Result<Resp> {
+        let url = format!("{}{}", self.base, path);
+        let mut req = self
+            .http
+            .post(&url)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .json(body);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.map_err(|e| send_error(&url, e))?;
+        let status = resp.status();
+        if status.is_redirection() {
+            return Err(Error::Refused {
+                status: status.as_u16(),
+                code: None,
+                message: format!(
+                    "redirect to {:?} refused",
+                    resp.headers().get(reqwest::header::LOCATION)
+                ),
+            });
+        }
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let body = read_capped(resp, self.max_body).await?;
+        match decode(status.as_u16(), &body) {
+            Err(Error::Unavailable {
+                status, message, ..
+            }) => Err(Error::Unavailable {
+                status,
+                retry_after,
+                message,
+            }),
+            Err(Error::Refused {
+                status,
+                code,
+                message,
+            }) if status >= 500 => Err(error_for_status(status, code, retry_after, &message)),
+            other => other,
+        }
+    }
+}
+
+fn send_error(url: &str, e: reqwest::Error) -> Error {
+    // The full source chain says *why* (certificate unknown, connection refused, …).
+    let mut msg = format!("{url}: {e}");
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    Error::Unreachable(msg)
+}
+
+async fn read_capped(resp: reqwest::Response, limit: u64) -> Result<Vec<u8>> {
+    if let Some(len) = resp.content_length()
+        && len > limit
+    {
+        return Err(Error::TooLarge {
+            what: "platform reply",
+            limit,
+        });
+    }
+    let mut out = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| Error::Unreachable(format!("reading reply: {e}")))?;
+        if (out.len() + chunk.len()) as u64 > limit {
+            return Err(Error::TooLarge {
+                what: "platform reply",
+                limit,
+            });
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_plain_http_and_bad_bundles() {
+        let cfg = PlatformConfig::default();
+        let err = PlatformClient::new(&cfg, "http://x", "", None, None).unwrap_err();
+        assert!(err.to_string().contains("https://"), "{err}");
+        let err = PlatformClient::new(&cfg, "https://x", "not pem", None, None).unwrap_err();
+        assert!(err.to_string().contains("CA bundle"), "{err}");
+    }
+}

@@ -1,0 +1,249 @@
+//! The operator CLI: sixteen commands (docs/ARCHITECTURE.md §6). Commands that this build does
+//! not implement yet say so and exit 1; they never pretend to succeed.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use powernode::config::Config;
+use powernode::enroll::{EnrollParams, Outcome};
+use powernode::paths::Paths;
+use powernode::pki::{CertInfo, PkiStore};
+use serde_json::{Map, Value, json};
+
+use crate::output::{EXIT_GENERIC, Report, exit_code_for};
+
+#[derive(Debug, Parser)]
+#[command(name = "powernode-agent", version, about = "Powernode node agent")]
+pub struct Cli {
+    /// Node root: every path (config, PKI, /run, /proc/cmdline, …) is taken under it.
+    #[arg(long, global = true)]
+    pub root: Option<PathBuf>,
+    /// Print one JSON object instead of `key: value` lines.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Initramfs boot path: identity, enrollment, modules, switch-root.
+    Boot,
+    /// The resident agent: heartbeats and orchestration (run by powernode-agent.service).
+    Service(ServiceArgs),
+    /// Enroll with a bootstrap token and write the PKI directory.
+    Enroll(EnrollArgs),
+    /// Verify a module image (cosign + fs-verity).
+    Verify { path: PathBuf },
+    /// Show identity (secrets redacted), PKI and configuration of this node.
+    Introspect,
+    /// Attach a module.
+    Attach { id: String },
+    /// Detach a module.
+    Detach { id: String },
+    /// Update modules to their assigned versions.
+    Update,
+    /// Commit a module's upper layer as a new version.
+    Commit { id: String },
+    /// Show the running agent's state (over D-Bus).
+    Status,
+    /// Run a platform script.
+    Exec { id: String },
+    /// Synchronise configuration from the platform.
+    Sync,
+    /// Run a module's init action.
+    Init { id: String, action: String },
+    /// Prepare persistent volumes (destructive).
+    VolumeSetup,
+    /// Puppet integration.
+    Puppet {
+        #[command(subcommand)]
+        action: PuppetAction,
+    },
+    /// Print the version.
+    Version,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PuppetAction {
+    /// Fetch the manifest and apply it.
+    Apply,
+}
+
+#[derive(Debug, Args)]
+pub struct ServiceArgs {
+    /// Platform URL override (normally from pki/meta.json or the identity).
+    #[arg(long)]
+    pub platform_url: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct EnrollArgs {
+    /// Bootstrap token (single use).
+    #[arg(long)]
+    pub token: String,
+    #[arg(long)]
+    pub platform_url: String,
+    /// PEM file with the CA bundle the platform's certificate must chain to.
+    #[arg(long)]
+    pub ca: PathBuf,
+    /// CSR subject (the instance id; the platform forces its own CN).
+    #[arg(long)]
+    pub subject: String,
+    #[arg(long)]
+    pub dmi_uuid: Option<String>,
+    /// PKI directory (default: /persist/var/lib/powernode/pki under --root).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+pub fn main(argv: Vec<OsString>) -> ExitCode {
+    let cli = Cli::parse_from(argv);
+    let paths = Paths::from_cli(cli.root.as_deref());
+    let json = cli.json;
+    if let Command::Service(args) = cli.command {
+        return crate::service::entry(paths, args);
+    }
+    powernode::daemon::init_logging("powernode-agent");
+    let report = match dispatch(cli.command, &paths) {
+        Ok(r) => r,
+        Err((command, e)) => Report::failed(command, exit_code_for(&e), format!("{e:#}")),
+    };
+    report.print(json);
+    ExitCode::from(report.exit_code)
+}
+
+type CmdResult = Result<Report, (&'static str, anyhow::Error)>;
+
+fn dispatch(command: Command, paths: &Paths) -> CmdResult {
+    let not_yet = |name: &'static str, issue: u32| -> CmdResult {
+        Ok(Report::failed(
+            name,
+            EXIT_GENERIC,
+            format!("`{name}` is not implemented in this build yet (tracked in issue #{issue})"),
+        ))
+    };
+    match command {
+        Command::Service(_) => unreachable!("handled before logging set-up"),
+        Command::Enroll(a) => enroll(a, paths).map_err(|e| ("enroll", e)),
+        Command::Introspect => introspect(paths).map_err(|e| ("introspect", e)),
+        Command::Status => status().map_err(|e| ("status", e)),
+        Command::Version => Ok(Report::ok(
+            "version",
+            obj(
+                json!({"version": powernode::AGENT_VERSION, "architecture": powernode::architecture()}),
+            ),
+        )),
+        Command::Boot => not_yet("boot", 7),
+        Command::Verify { .. } => not_yet("verify", 5),
+        Command::Attach { .. } => not_yet("attach", 5),
+        Command::Detach { .. } => not_yet("detach", 5),
+        Command::Update => not_yet("update", 5),
+        Command::Commit { .. } => not_yet("commit", 5),
+        Command::Exec { .. } => not_yet("exec", 6),
+        Command::Sync => not_yet("sync", 6),
+        Command::Init { .. } => not_yet("init", 6),
+        Command::VolumeSetup => not_yet("volume-setup", 7),
+        Command::Puppet { .. } => not_yet("puppet", 6),
+    }
+}
+
+fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("creating the async runtime")
+}
+
+fn enroll(a: EnrollArgs, paths: &Paths) -> anyhow::Result<Report> {
+    let cfg = Config::load(paths)?;
+    let ca = std::fs::read_to_string(&a.ca)
+        .with_context(|| format!("reading CA bundle {}", a.ca.display()))?;
+    let store = PkiStore::new(a.out.unwrap_or_else(|| paths.pki_dir()));
+    let params = EnrollParams {
+        bootstrap_token: a.token,
+        platform_url: a.platform_url,
+        ca_bundle_pem: ca,
+        subject: a.subject,
+        dmi_uuid: a.dmi_uuid,
+    };
+    let outcome = runtime()?.block_on(powernode::enroll::enroll(&cfg.platform, &store, &params))?;
+    let (state, meta) = match &outcome {
+        Outcome::Enrolled(m) => ("enrolled", m),
+        Outcome::AlreadyEnrolled(m) => ("already-enrolled", m),
+    };
+    Ok(Report::ok(
+        "enroll",
+        obj(json!({
+            "result": state,
+            "instance_id": meta.instance_id,
+            "subject": meta.mtls_subject,
+            "not_after": meta.not_after,
+            "pki_dir": store.dir().display().to_string(),
+        })),
+    ))
+}
+
+fn introspect(paths: &Paths) -> anyhow::Result<Report> {
+    let mut details = Map::new();
+    details.insert("version".into(), powernode::AGENT_VERSION.into());
+    details.insert("root".into(), paths.root().display().to_string().into());
+    // The cached identity if identityd ran, else a read-only local resolution (never cached here).
+    let identity = match powernode::identity::load_cached(paths)? {
+        Some(id) => Ok(id),
+        None => powernode::identity::resolve(paths),
+    };
+    details.insert(
+        "identity".into(),
+        match identity {
+            Ok(id) => serde_json::to_value(id.public())?,
+            Err(e) => json!({"error": e.to_string()}),
+        },
+    );
+    let store = PkiStore::new(paths.pki_dir());
+    let pki = match store.load() {
+        Ok(None) => json!({"enrolled": false, "dir": store.dir().display().to_string()}),
+        Ok(Some(c)) => {
+            let info = CertInfo::from_pem(&c.cert_pem)?;
+            let now = time::OffsetDateTime::now_utc();
+            json!({
+                "enrolled": true,
+                "dir": store.dir().display().to_string(),
+                "instance_id": c.meta.instance_id,
+                "platform_url": c.meta.platform_url,
+                "certificate": info,
+                "lifetime_used_percent": (info.lifetime_used(now) * 1000.0).round() / 10.0,
+                "token_expires_at": c.token.as_deref().and_then(powernode::pki::jwt_expiry).map(powernode::pki::rfc3339),
+            })
+        }
+        Err(e) => json!({"enrolled": false, "error": e.to_string()}),
+    };
+    details.insert("pki".into(), pki);
+    Ok(Report::ok("introspect", details))
+}
+
+fn status() -> anyhow::Result<Report> {
+    runtime()?.block_on(async {
+        let conn = powernode::bus::system_bus().await?;
+        let agent = powernode::bus::Agent1Proxy::new(&conn).await?;
+        let details = json!({
+            "instance_id": agent.instance_id().await?,
+            "state": agent.state().await?,
+            "last_heartbeat": agent.last_heartbeat().await?,
+            "heartbeat_count": agent.heartbeat_count().await?,
+            "next_poll_seconds": agent.next_poll_seconds().await?,
+            "last_error": agent.last_error().await?,
+        });
+        Ok(Report::ok("status", obj(details)))
+    })
+}

@@ -1,0 +1,89 @@
+//! The suite installed into a booted Debian bookworm under systemd-nspawn: the system comes
+//! up, users, directories, units and policy are in place, and the SRE tools work inside.
+//! The daemons' own behaviour is not exercised here.
+
+use anyhow::{Result, ensure};
+use powernode_integration_tests::container::{Container, Image};
+use std::time::Instant;
+
+#[test]
+fn installed_suite_boots_in_a_container() -> Result<()> {
+    let image = Image::bookworm()?;
+    let start = Instant::now();
+    let container = Container::boot_installed(&image, &[])?;
+    let state = container.wait_running()?;
+    println!("boot: {state} after {:.2?}", start.elapsed());
+    if state != "running" {
+        println!("failed units:\n{}", container.failed_units()?);
+    }
+    ensure!(
+        state == "running" || state == "degraded",
+        "system state {state}:\n{}",
+        container.boot_log()
+    );
+
+    // The sysusers.d entry: a system user and group named powernode.
+    let passwd = container.exec_ok(&["getent", "passwd", "powernode"])?;
+    let group = container.exec_ok(&["getent", "group", "powernode"])?;
+    println!("{}{}", passwd, group);
+    let uid: u32 = passwd.split(':').nth(2).unwrap_or_default().parse()?;
+    ensure!(
+        uid < 1000,
+        "powernode should be a system user, got uid {uid}"
+    );
+
+    // The tmpfiles.d entries, created at boot.
+    for (path, want) in [
+        ("/run/powernode", "750 powernode:powernode"),
+        ("/persist/var/lib/powernode", "750 powernode:powernode"),
+        ("/persist/var/lib/powernode/pki", "700 powernode:powernode"),
+        ("/etc/powernode", "755 root:root"),
+    ] {
+        let got = container.exec_ok(&["stat", "-c", "%a %U:%G", path])?;
+        ensure!(got.trim() == want, "{path}: {got:?}, want {want:?}");
+    }
+
+    // The units are loaded and analysable online.
+    for unit in [
+        "powernode-identityd.service",
+        "powernode-enrolld.service",
+        "powernode-agent.service",
+    ] {
+        let load = container.exec_ok(&["systemctl", "show", "-P", "LoadState", unit])?;
+        ensure!(load.trim() == "loaded", "{unit}: LoadState {load:?}");
+    }
+    let security = container.exec_ok(&[
+        "systemd-analyze",
+        "security",
+        "--no-pager",
+        "powernode-enrolld.service",
+    ])?;
+    let line = security
+        .lines()
+        .find(|l| l.contains("Overall exposure"))
+        .unwrap_or("(none)");
+    println!("online: {line}");
+    ensure!(
+        line.contains("powernode-enrolld.service"),
+        "no overall exposure line:\n{security}"
+    );
+
+    // The system bus runs with our policy and activation files loaded.
+    let names = container.exec_ok(&["busctl", "list", "--no-pager", "--acquired"])?;
+    ensure!(
+        names.contains("org.freedesktop.systemd1"),
+        "busctl list:\n{names}"
+    );
+    let activatable = container.exec_ok(&["busctl", "list", "--no-pager", "--activatable"])?;
+    for name in ["com.powernode.Identity1", "com.powernode.Enroll1"] {
+        ensure!(
+            activatable.contains(name),
+            "{name} is not activatable:\n{activatable}"
+        );
+    }
+
+    let powered = Instant::now();
+    let took = container.poweroff()?;
+    println!("poweroff: {took:.2?} (total {:.2?})", powered.elapsed());
+    Ok(())
+}
