@@ -11,6 +11,7 @@
 
 pub mod bus;
 pub mod container;
+pub mod devplatform;
 pub mod units;
 
 use anyhow::{Context, Result, bail};

@@ -1,0 +1,183 @@
+//! The development platform (`powernode-devplatform`) as a test fixture: a real HTTPS server
+//! with its own CA on host loopback, plus its admin CLI for tokens and instance records.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::{bin, describe, run};
+
+const STARTUP: Duration = Duration::from_secs(30);
+
+pub struct DevPlatform {
+    child: Option<Child>,
+    _state_dir: Option<tempfile::TempDir>,
+    pub state: PathBuf,
+    /// `https://127.0.0.1:PORT`
+    pub url: String,
+    pub ca_path: PathBuf,
+    pub ca_pem: String,
+}
+
+/// A freshly minted bootstrap token and the instance it is bound to.
+#[derive(Debug, Clone)]
+pub struct Token {
+    pub token: String,
+    pub instance_uuid: String,
+}
+
+impl DevPlatform {
+    /// Serve on 127.0.0.1:<free port> from a new state directory; `extra` are more `serve` flags.
+    pub fn start(extra: &[&str]) -> Result<DevPlatform> {
+        let dir = tempfile::Builder::new()
+            .prefix("pn-devplatform-")
+            .tempdir()?;
+        let state = dir.path().join("state");
+        let mut p = DevPlatform::start_at(&state, extra)?;
+        p._state_dir = Some(dir);
+        Ok(p)
+    }
+
+    /// Serve from `state` (kept by the caller, e.g. to restart on it).
+    pub fn start_at(state: &Path, extra: &[&str]) -> Result<DevPlatform> {
+        let log = std::fs::File::create(state.with_extension("log"))
+            .with_context(|| format!("creating log beside {}", state.display()))?;
+        let mut child = Command::new(bin("powernode-devplatform")?)
+            .arg("serve")
+            .arg("--state")
+            .arg(state)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("starting powernode-devplatform")?;
+        let stdout = child.stdout.take().context("devplatform stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut ca_path, mut url) = (None, None);
+        let deadline = Instant::now() + STARTUP;
+        while ca_path.is_none() || url.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx.recv_timeout(left).with_context(|| {
+                format!(
+                    "devplatform did not print its CA and URL; log:\n{}",
+                    std::fs::read_to_string(state.with_extension("log")).unwrap_or_default()
+                )
+            })?;
+            if let Some(p) = line.strip_prefix("CA ") {
+                ca_path = Some(PathBuf::from(p));
+            } else if let Some(u) = line.strip_prefix("URL ") {
+                url = Some(u.to_string());
+            }
+        }
+        let ca_path = ca_path.context("CA line")?;
+        let ca_pem = std::fs::read_to_string(&ca_path)?;
+        Ok(DevPlatform {
+            child: Some(child),
+            _state_dir: None,
+            state: state.to_path_buf(),
+            url: url.context("URL line")?,
+            ca_path,
+            ca_pem,
+        })
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.state.with_extension("log")).unwrap_or_default()
+    }
+
+    fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = run(Command::new(bin("powernode-devplatform")?)
+            .args(args)
+            .arg("--state")
+            .arg(&self.state))?;
+        if !out.status.success() {
+            bail!("powernode-devplatform {args:?}: {}", describe(&out));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Mint a bootstrap token (`ttl_secs` None = the platform default of one hour).
+    pub fn token(&self, ttl_secs: Option<u64>) -> Result<Token> {
+        let ttl = ttl_secs.map(|t| t.to_string());
+        let mut args = vec!["token", "create", "--json"];
+        if let Some(t) = &ttl {
+            args.extend(["--ttl-secs", t.as_str()]);
+        }
+        let v: Value = serde_json::from_str(&self.cli(&args)?)?;
+        Ok(Token {
+            token: v["token"].as_str().context("token")?.to_string(),
+            instance_uuid: v["instance_uuid"]
+                .as_str()
+                .context("instance_uuid")?
+                .to_string(),
+        })
+    }
+
+    pub fn instances(&self) -> Result<Vec<Value>> {
+        Ok(serde_json::from_str(&self.cli(&["instances", "--json"])?)?)
+    }
+
+    pub fn instance(&self, id: &str) -> Result<Option<Value>> {
+        Ok(self
+            .instances()?
+            .into_iter()
+            .find(|i| i["instance_id"].as_str() == Some(id)))
+    }
+
+    /// Poll the store until `instance` has at least `count` heartbeats; returns its record.
+    pub fn wait_heartbeats(&self, id: &str, count: u64, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let rec = self.instance(id)?;
+            if let Some(r) = &rec
+                && r["heartbeat_count"].as_u64().unwrap_or(0) >= count
+            {
+                return Ok(r.clone());
+            }
+            if Instant::now() > deadline {
+                bail!("instance {id} did not reach {count} heartbeats in {timeout:?}: {rec:?}");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+            let st = c.wait()?;
+            if !st.success() {
+                bail!("devplatform exited with {st}");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for DevPlatform {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if let Err(e) = c.kill() {
+                eprintln!("killing devplatform: {e}");
+            }
+            if let Err(e) = c.wait() {
+                eprintln!("waiting for devplatform: {e}");
+            }
+        }
+    }
+}
