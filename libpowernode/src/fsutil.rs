@@ -4,7 +4,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use crate::{Error, Result};
@@ -30,6 +30,10 @@ pub fn atomic_write(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
             .mode(mode)
             .open(&tmp)
             .map_err(|e| Error::io("create", &tmp, e))?;
+        // The process umask (UMask=0077 in our units) narrows the creation mode; the file is
+        // still invisible under its temp name, so fix the mode before it is renamed into place.
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io("chmod", &tmp, e))?;
         f.write_all(contents)
             .map_err(|e| Error::io("write", &tmp, e))?;
         f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
@@ -90,7 +94,6 @@ pub fn read_optional(path: &Path, limit: u64) -> Result<Option<Vec<u8>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn atomic_write_sets_mode_at_creation_and_replaces() {

@@ -1,0 +1,233 @@
+//! The skeleton path under a real systemd and system bus: the suite installed into a booted
+//! Debian container, identity from /etc/identity.cfg, powernode-agent.service enabled. The agent
+//! D-Bus-activates enrolld (which activates identityd), enrolls with the development platform
+//! running on the host, and heartbeats. Checked inside with busctl/systemctl and outside with the
+//! platform's own records.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use powernode_integration_tests::container::{BootOptions, Container, Image};
+use powernode_integration_tests::devplatform::DevPlatform;
+use powernode_integration_tests::units;
+
+fn write(root: &std::path::Path, rel: &str, content: &str, mode: u32) -> Result<()> {
+    let p = root.join(rel);
+    std::fs::create_dir_all(p.parent().context("parent")?)?;
+    std::fs::write(&p, content)?;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+/// `busctl get-property` value without its type prefix (`s "x"` → `x`, `t 3` → `3`).
+fn property(c: &Container, name: &str, iface: &str, prop: &str) -> Result<String> {
+    let path = format!("/{}", iface.replace('.', "/"));
+    let out = c.exec_ok(&["busctl", "get-property", name, &path, iface, prop])?;
+    let v = out.trim().split_once(' ').map(|(_, v)| v).unwrap_or("");
+    Ok(v.trim_matches('"').to_string())
+}
+
+#[test]
+fn node_enrolls_and_heartbeats_under_systemd() -> Result<()> {
+    let platform = DevPlatform::start(&["--next-poll-seconds", "2"])?;
+    let token = platform.token(None)?;
+
+    let tree = tempfile::Builder::new().prefix("pn-e2e-tree-").tempdir()?;
+    units::install_tree(tree.path())?;
+    write(
+        tree.path(),
+        "etc/powernode/trust/platform-ca.pem",
+        &platform.ca_pem,
+        0o644,
+    )?;
+    // The token is a secret: root-only, read by identityd through CAP_DAC_READ_SEARCH.
+    write(
+        tree.path(),
+        "etc/identity.cfg",
+        &format!(
+            "# written by the e2e test\nID={}\nKEY={}\nSERVER={}\nCA_PEM_FILE=/etc/powernode/trust/platform-ca.pem\n",
+            token.instance_uuid, token.token, platform.url
+        ),
+        0o600,
+    )?;
+    let image = Image::bookworm()?;
+    let started = Instant::now();
+    let c = Container::boot(
+        &image,
+        &BootOptions {
+            overlay_tree: Some(tree.path().to_path_buf()),
+            enable: vec!["powernode-agent.service".into()],
+            ..BootOptions::default()
+        },
+    )?;
+    let state = c.wait_running()?;
+    println!("container {state} after {:.1?}", started.elapsed());
+
+    // The platform sees the node: enrolled, heartbeating with real kernel facts.
+    let rec = platform
+        .wait_heartbeats(&token.instance_uuid, 3, Duration::from_secs(90))
+        .with_context(|| {
+            format!(
+                "agent journal:\n{}\nenrolld journal:\n{}\nidentityd journal:\n{}",
+                c.journal("powernode-agent.service").unwrap_or_default(),
+                c.journal("powernode-enrolld.service").unwrap_or_default(),
+                c.journal("powernode-identityd.service").unwrap_or_default()
+            )
+        })?;
+    println!("heartbeating after {:.1?}: {rec}", started.elapsed());
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?;
+    ensure!(
+        rec["boot_id"] == boot_id.trim(),
+        "boot_id {}",
+        rec["boot_id"]
+    );
+    ensure!(rec["status"] == "running", "status {}", rec["status"]);
+    ensure!(rec["memory_free_kb"].as_u64().unwrap_or(0) > 0, "{rec}");
+    ensure!(rec["uptime_seconds"].as_u64().unwrap_or(0) > 0, "{rec}");
+    ensure!(
+        rec["load_average"]
+            .as_str()
+            .unwrap_or("")
+            .split(' ')
+            .count()
+            == 3,
+        "{rec}"
+    );
+    let serial = rec["certificates_issued"][0]["serial"]
+        .as_str()
+        .context("issued serial")?
+        .to_string();
+    ensure!(
+        rec["certificate_serials_seen"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|x| x == serial.as_str())),
+        "the heartbeat used the enrolled certificate: {rec}"
+    );
+
+    // Inside: every service inspectable with busctl (introspect activates identityd/enrolld
+    // again if they already exited idle).
+    for (name, props) in [
+        (
+            "com.powernode.Identity1",
+            &[
+                "InstanceId",
+                "Source",
+                "PlatformUrl",
+                "Evidence",
+                "DiscoveredAt",
+            ][..],
+        ),
+        (
+            "com.powernode.Enroll1",
+            &["Enrolled", "InstanceId", "CertificateSerial", "NotAfter"][..],
+        ),
+        (
+            "com.powernode.Agent1",
+            &["InstanceId", "State", "LastHeartbeat", "HeartbeatCount"][..],
+        ),
+    ] {
+        let path = format!("/{}", name.replace('.', "/"));
+        let intro = c.exec_ok(&["busctl", "introspect", "--no-pager", name, &path])?;
+        for p in props {
+            ensure!(
+                intro.contains(&format!(".{p} ")),
+                "{name} lacks {p}:\n{intro}"
+            );
+        }
+    }
+    let id = "com.powernode.Identity1";
+    ensure!(property(&c, id, id, "InstanceId")? == token.instance_uuid);
+    ensure!(property(&c, id, id, "Source")? == "identity-cfg");
+    ensure!(property(&c, id, id, "PlatformUrl")? == platform.url);
+    let en = "com.powernode.Enroll1";
+    ensure!(property(&c, en, en, "Enrolled")? == "true");
+    ensure!(property(&c, en, en, "CertificateSerial")? == serial);
+    let ag = "com.powernode.Agent1";
+    ensure!(property(&c, ag, ag, "State")? == "running");
+    ensure!(property(&c, ag, ag, "HeartbeatCount")?.parse::<u64>()? >= 1);
+    let all = c.exec_ok(&[
+        "busctl",
+        "call",
+        id,
+        "/com/powernode/Identity1",
+        "org.freedesktop.DBus.Properties",
+        "GetAll",
+        "s",
+        id,
+    ])?;
+    ensure!(
+        !all.contains(&token.token),
+        "Identity1 leaks the bootstrap token"
+    );
+
+    // systemd's view: running, notified status, no restarts.
+    let show = c.exec_ok(&[
+        "systemctl",
+        "show",
+        "-p",
+        "ActiveState,StatusText,NRestarts,Result",
+        "powernode-agent.service",
+    ])?;
+    ensure!(show.contains("ActiveState=active"), "{show}");
+    ensure!(show.contains("StatusText=heartbeat ok"), "{show}");
+    ensure!(show.contains("NRestarts=0"), "{show}");
+
+    // PKI written by enrolld as the contract says, owned by the service user.
+    for (file, want) in [
+        ("", "700 powernode"),
+        ("node.key", "600 powernode"),
+        ("instance-token.jwt", "600 powernode"),
+        ("node.crt", "644 powernode"),
+        ("meta.json", "644 powernode"),
+    ] {
+        let p = format!("/persist/var/lib/powernode/pki/{file}");
+        let got = c.exec_ok(&["stat", "-c", "%a %U", &p])?;
+        ensure!(got.trim() == want, "{p}: {got:?} want {want:?}");
+    }
+
+    // The in-process sandbox was applied by each daemon that ran.
+    for unit in [
+        "powernode-agent.service",
+        "powernode-enrolld.service",
+        "powernode-identityd.service",
+    ] {
+        let j = c.journal(unit)?;
+        ensure!(j.contains("sandbox applied"), "{unit} journal:\n{j}");
+    }
+    let pid = c.exec_ok(&[
+        "systemctl",
+        "show",
+        "-P",
+        "MainPID",
+        "powernode-agent.service",
+    ])?;
+    let status = c.exec_ok(&["cat", &format!("/proc/{}/status", pid.trim())])?;
+    ensure!(
+        status.contains("NoNewPrivs:\t1") && status.contains("Seccomp:\t2"),
+        "{status}"
+    );
+    ensure!(status.contains("CapEff:\t0000000000000000"), "{status}");
+
+    // A caller outside root/powernode is refused by the real system bus policy.
+    let out = c.exec(&[
+        "setpriv",
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        "busctl",
+        "call",
+        ag,
+        "/com/powernode/Agent1",
+        ag,
+        "HeartbeatNow",
+    ])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("ccess denied"),
+        "nobody's call: {err}"
+    );
+
+    c.poweroff()?;
+    Ok(())
+}
