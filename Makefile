@@ -46,8 +46,12 @@ test:
 	@$(MAKE) --no-print-directory lint
 	$(CARGO) nextest run --workspace --no-fail-fast
 
+# The suite against the development platform: a node enrolling and heartbeating, live.
 demo:
-	@echo "demo: see README"; exit 1
+	@$(MAKE) --no-print-directory deps
+	@$(MAKE) --no-print-directory build
+	@$(MAKE) --no-print-directory image
+	$(CARGO) run -q -p powernode-integration-tests --bin powernode-demo
 
 bench:
 	@echo "bench: not yet"; exit 1
