@@ -49,8 +49,12 @@ fn enroll(url: &str, ca: &Path, token: &str, subject: &str, root: &Path) -> Resu
         .arg(root))?;
     let code = out.status.code().context("enroll killed by a signal")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let json: Value = serde_json::from_str(stdout.trim())
-        .with_context(|| format!("enroll --json did not print one JSON object:\n{}", describe(&out)))?;
+    let json: Value = serde_json::from_str(stdout.trim()).with_context(|| {
+        format!(
+            "enroll --json did not print one JSON object:\n{}",
+            describe(&out)
+        )
+    })?;
     ensure!(
         json["command"] == "enroll" && json["exit_code"].as_i64() == Some(i64::from(code)),
         "JSON envelope does not match the exit code {code}: {json}"
@@ -66,7 +70,11 @@ fn introspect(root: &Path) -> Result<Value> {
     let out = run(Command::new(bin("powernode-agent")?)
         .args(["introspect", "--json", "--root"])
         .arg(root))?;
-    ensure!(out.status.success(), "introspect failed:\n{}", describe(&out));
+    ensure!(
+        out.status.success(),
+        "introspect failed:\n{}",
+        describe(&out)
+    );
     serde_json::from_slice(&out.stdout)
         .with_context(|| format!("introspect output is not JSON:\n{}", describe(&out)))
 }
@@ -146,7 +154,11 @@ fn enroll_writes_pki_with_modes_and_is_idempotent() -> Result<()> {
     let e = enroll(&p.url, &p.ca_path, &t.token, &t.instance_uuid, root)?;
     ensure!(e.code == 0, "enroll should succeed: {}", e.ctx());
     ensure!(e.json["result"] == "enrolled", "{}", e.json);
-    ensure!(e.json["instance_id"] == t.instance_uuid.as_str(), "{}", e.json);
+    ensure!(
+        e.json["instance_id"] == t.instance_uuid.as_str(),
+        "{}",
+        e.json
+    );
     ensure!(
         !String::from_utf8_lossy(&e.out.stdout).contains(&t.token)
             && !String::from_utf8_lossy(&e.out.stderr).contains(&t.token),
@@ -172,20 +184,29 @@ fn enroll_writes_pki_with_modes_and_is_idempotent() -> Result<()> {
         "the pending key must be gone after a successful enrollment"
     );
     let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json"))?)?;
-    ensure!(meta["instance_id"] == t.instance_uuid.as_str(), "meta.json: {meta}");
+    ensure!(
+        meta["instance_id"] == t.instance_uuid.as_str(),
+        "meta.json: {meta}"
+    );
     ensure!(meta["platform_url"] == p.url.as_str(), "meta.json: {meta}");
     ensure!(
         std::fs::read_to_string(dir.join("ca-bundle.crt"))? == p.ca_pem,
         "ca-bundle.crt is not the CA given with --ca"
     );
     let key = std::fs::read_to_string(dir.join("node.key"))?;
-    ensure!(key.contains("BEGIN PRIVATE KEY"), "node.key is not a PKCS#8 PEM key");
+    ensure!(
+        key.contains("BEGIN PRIVATE KEY"),
+        "node.key is not a PKCS#8 PEM key"
+    );
 
     // The certificate, read back by the agent itself.
     let intro = introspect(root)?;
     let pki = &intro["pki"];
     ensure!(pki["enrolled"] == true, "introspect: {intro}");
-    ensure!(pki["instance_id"] == t.instance_uuid.as_str(), "introspect: {intro}");
+    ensure!(
+        pki["instance_id"] == t.instance_uuid.as_str(),
+        "introspect: {intro}"
+    );
     ensure!(
         pki["certificate"]["subject_cn"] == t.instance_uuid.as_str(),
         "node.crt CN is not the instance uuid: {pki}"
@@ -206,7 +227,11 @@ fn enroll_writes_pki_with_modes_and_is_idempotent() -> Result<()> {
     let again = enroll(&p.url, &p.ca_path, &t.token, &t.instance_uuid, root)?;
     ensure!(again.code == 0, "re-enroll should succeed: {}", again.ctx());
     ensure!(again.json["result"] == "already-enrolled", "{}", again.json);
-    ensure!(again.json["instance_id"] == t.instance_uuid.as_str(), "{}", again.json);
+    ensure!(
+        again.json["instance_id"] == t.instance_uuid.as_str(),
+        "{}",
+        again.json
+    );
     ensure!(
         certificates_issued(&p, &t.instance_uuid)?.len() == 1,
         "already-enrolled run issued a certificate"
@@ -273,7 +298,13 @@ fn platform_certificate_not_chaining_to_ca_is_refused_without_spending_the_token
     let t = p.token(None)?;
     let node = tempfile::tempdir()?;
 
-    let e = enroll(&p.url, &other.ca_path, &t.token, &t.instance_uuid, node.path())?;
+    let e = enroll(
+        &p.url,
+        &other.ca_path,
+        &t.token,
+        &t.instance_uuid,
+        node.path(),
+    )?;
     ensure!(e.code == 5, "untrusted platform must exit 5: {}", e.ctx());
     let msg = e.error();
     ensure!(
@@ -325,7 +356,11 @@ fn unreachable_platform_exits_5_with_clear_message() -> Result<()> {
     assert_no_credentials(node.path(), false)?;
     // The token is still good.
     let ok = enroll(&p.url, &p.ca_path, &t.token, &t.instance_uuid, node.path())?;
-    ensure!(ok.code == 0 && ok.json["result"] == "enrolled", "{}", ok.ctx());
+    ensure!(
+        ok.code == 0 && ok.json["result"] == "enrolled",
+        "{}",
+        ok.ctx()
+    );
     Ok(())
 }
 

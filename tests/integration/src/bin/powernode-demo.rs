@@ -17,7 +17,9 @@ fn main() -> Result<()> {
     {
         let stop = stop.clone();
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
             if let Ok(rt) = rt
                 && rt.block_on(tokio::signal::ctrl_c()).is_ok()
             {
@@ -31,9 +33,16 @@ fn main() -> Result<()> {
         .map(Duration::from_secs);
 
     let platform = DevPlatform::start(&["--next-poll-seconds", "5"])?;
-    println!("== development platform at {} (CA {})", platform.url, platform.ca_path.display());
+    println!(
+        "== development platform at {} (CA {})",
+        platform.url,
+        platform.ca_path.display()
+    );
     let token = platform.token(None)?;
-    println!("== bootstrap token minted for instance {}", token.instance_uuid);
+    println!(
+        "== bootstrap token minted for instance {}",
+        token.instance_uuid
+    );
 
     let tree = tempfile::Builder::new().prefix("pn-demo-").tempdir()?;
     units::install_tree(tree.path())?;
@@ -60,7 +69,9 @@ fn main() -> Result<()> {
         },
     )?;
     println!("== container is {}", c.wait_running()?);
-    println!("== following: platform records (outside) and the agent's journal (inside); Ctrl-C stops\n");
+    println!(
+        "== following: platform records (outside) and the agent's journal (inside); Ctrl-C stops\n"
+    );
 
     let start = Instant::now();
     let mut seen_lines = 0usize;
@@ -84,14 +95,20 @@ fn main() -> Result<()> {
                     rec["boot_id"].as_str().unwrap_or("-"),
                     rec["load_average"].as_str().unwrap_or("-"),
                     rec["memory_free_kb"],
-                    rec["certificates_issued"][0]["serial"].as_str().unwrap_or("-"),
+                    rec["certificates_issued"][0]["serial"]
+                        .as_str()
+                        .unwrap_or("-"),
                 );
             }
         }
         std::thread::sleep(Duration::from_secs(1));
     }
     println!("\n== busctl inside the node:");
-    for name in ["com.powernode.Agent1", "com.powernode.Enroll1", "com.powernode.Identity1"] {
+    for name in [
+        "com.powernode.Agent1",
+        "com.powernode.Enroll1",
+        "com.powernode.Identity1",
+    ] {
         let path = format!("/{}", name.replace('.', "/"));
         let out = c.exec_ok(&["busctl", "introspect", "--no-pager", name, &path, name])?;
         println!("{out}");
