@@ -1,6 +1,8 @@
 //! The platform client against a real TLS server on loopback that answers with canned, often
 //! hostile, HTTP replies: every bad reply must become a clear, correctly classified error.
 
+#![allow(clippy::unwrap_used)] // test fixtures: a panic is the failure report
+
 use std::sync::Arc;
 use std::time::Duration;
 
