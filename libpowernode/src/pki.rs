@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::api::EnrollResponse;
-use crate::fsutil::{atomic_write, ensure_dir, read_optional};
+use crate::fsutil::{atomic_write, ensure_dir, fsync_dir, read_optional};
 use crate::{Error, Result};
 
 pub const NODE_KEY: &str = "node.key";
@@ -147,10 +147,82 @@ pub fn jwt_expiry(token: &str) -> Option<OffsetDateTime> {
     OffsetDateTime::from_unix_timestamp(v.get("exp")?.as_i64()?).ok()
 }
 
+/// What a new credential set must match before it replaces the current one.
+#[derive(Debug, Clone, Default)]
+pub struct Expect<'a> {
+    /// The certificate's CN must be this (the instance's mTLS subject), when known.
+    pub subject: Option<&'a str>,
+    /// On rotation, the new chain must end in one of these roots (the CA may not change silently).
+    pub previous_chain_pem: Option<&'a str>,
+}
+
+/// Check that `cert_pem` is for `key`, names the expected subject and chains to `chain_pem`
+/// (and to the previous chain's CA on rotation), as a client certificate valid now.
+pub fn check_certificate(
+    cert_pem: &str,
+    chain_pem: &str,
+    key: &rcgen::KeyPair,
+    expect: &Expect<'_>,
+) -> Result<CertInfo> {
+    use rustls::pki_types::pem::PemObject;
+    let info = CertInfo::from_pem(cert_pem)?;
+    let (_, p) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+        .map_err(|e| Error::malformed("certificate PEM", e))?;
+    let cert = p
+        .parse_x509()
+        .map_err(|e| Error::malformed("certificate", e))?;
+    if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        return Err(Error::Crypto(
+            "the certificate is not for this node's key".into(),
+        ));
+    }
+    if let Some(want) = expect.subject
+        && info.subject_cn != want
+    {
+        return Err(Error::Crypto(format!(
+            "certificate subject {:?} is not {want:?}",
+            info.subject_cn
+        )));
+    }
+    let leaf = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| Error::malformed("certificate PEM", e))?;
+    for (what, pem) in [
+        ("issuing chain", Some(chain_pem)),
+        ("previous CA", expect.previous_chain_pem),
+    ] {
+        let Some(pem) = pem else { continue };
+        let mut roots = rustls::RootCertStore::empty();
+        for c in crate::transport::parse_certs(pem, "CA chain")? {
+            roots.add(c).map_err(|e| Error::malformed("CA chain", e))?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+        )
+        .build()
+        .map_err(|e| Error::Crypto(format!("client verifier: {e}")))?;
+        verifier
+            .verify_client_cert(&leaf, &[], rustls::pki_types::UnixTime::now())
+            .map_err(|e| Error::Crypto(format!("certificate does not chain to the {what}: {e}")))?;
+    }
+    Ok(info)
+}
+
+/// The PKI directory. Each credential set is one *generation* directory `gen/<serial>/`, written
+/// completely and fsync-ed before the `current` symlink is switched to it with one rename; the
+/// contract's file names (`node.key`, `node.crt`, …) are stable symlinks through `current`. So
+/// every reader sees one whole generation, and a crash at any step leaves either the old or the
+/// new set current — never a key of one and a certificate of the other.
 #[derive(Debug, Clone)]
 pub struct PkiStore {
     dir: PathBuf,
 }
+
+const GEN_DIR: &str = "gen";
+const CURRENT: &str = "current";
+/// Generations kept besides the current one: the last good set stays until the next rotation.
+const KEEP_PREVIOUS: usize = 1;
+const SET_FILES: [&str; 6] = [NODE_KEY, NODE_CRT, CA_CHAIN, CA_BUNDLE, META, TOKEN];
 
 impl PkiStore {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
@@ -165,7 +237,7 @@ impl PkiStore {
         self.dir.join(name)
     }
 
-    /// Persist the key for an enrollment before its request is sent (node-api.md Part A §3).
+    /// Persist the key for a request in flight (enrollment or rotation) before it is sent.
     pub fn write_pending_key(&self, key_pem: &str) -> Result<()> {
         ensure_dir(&self.dir, 0o700)?;
         atomic_write(&self.path(PENDING_KEY), key_pem.as_bytes(), 0o600)
@@ -179,7 +251,19 @@ impl PkiStore {
         remove_if_exists(&self.path(PENDING_KEY))
     }
 
-    /// Write a complete credential set; `meta.json` last.
+    /// The current generation's name (the serial), or `None` before enrollment. One readlink:
+    /// cheap enough to check before every request, which is how clients pick up a rotation.
+    pub fn generation(&self) -> Result<Option<String>> {
+        let link = self.path(CURRENT);
+        match std::fs::read_link(&link) {
+            Ok(t) => Ok(t.file_name().map(|n| n.to_string_lossy().into_owned())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("readlink", link, e)),
+        }
+    }
+
+    /// Validate and install a credential set from an enroll or refresh reply; returns its meta.
+    /// On rotation (`current` exists) the new certificate must keep the subject and the CA.
     pub fn commit(
         &self,
         resp: &EnrollResponse,
@@ -188,42 +272,156 @@ impl PkiStore {
         platform_url: Option<&str>,
     ) -> Result<Meta> {
         resp.validate()?;
-        ensure_dir(&self.dir, 0o700)?;
+        let previous = self.load()?;
+        let key = key_from_pem(key_pem)?;
+        let subject = resp
+            .mtls_subject
+            .clone()
+            .unwrap_or_else(|| resp.instance_id.clone());
+        let expect = Expect {
+            subject: Some(
+                previous
+                    .as_ref()
+                    .map(|p| p.meta.mtls_subject.as_str())
+                    .unwrap_or(&subject),
+            ),
+            previous_chain_pem: previous.as_ref().map(|p| p.ca_chain_pem.as_str()),
+        };
+        let info = check_certificate(&resp.cert_pem, &resp.ca_chain_pem, &key, &expect)?;
         let meta = Meta {
             instance_id: resp.instance_id.clone(),
-            mtls_subject: resp
-                .mtls_subject
-                .clone()
-                .unwrap_or_else(|| resp.instance_id.clone()),
+            mtls_subject: subject,
             certificate_id: resp.certificate_id.clone().unwrap_or_default(),
-            not_after: resp.not_after.clone().unwrap_or_default(),
-            platform_url: platform_url.map(str::to_string),
+            not_after: resp
+                .not_after
+                .clone()
+                .unwrap_or_else(|| rfc3339(info.not_after)),
+            platform_url: platform_url
+                .map(str::to_string)
+                .or_else(|| previous.as_ref().and_then(|p| p.meta.platform_url.clone())),
         };
         let meta_json =
             serde_json::to_vec_pretty(&meta).map_err(|e| Error::malformed("meta.json", e))?;
-        atomic_write(&self.path(CA_BUNDLE), ca_bundle_pem.as_bytes(), 0o644)?;
-        atomic_write(&self.path(CA_CHAIN), resp.ca_chain_pem.as_bytes(), 0o644)?;
-        atomic_write(&self.path(NODE_KEY), key_pem.as_bytes(), 0o600)?;
-        atomic_write(&self.path(NODE_CRT), resp.cert_pem.as_bytes(), 0o644)?;
-        match &resp.instance_token {
-            Some(t) => atomic_write(&self.path(TOKEN), t.as_bytes(), 0o600)?,
-            None => remove_if_exists(&self.path(TOKEN))?,
+        ensure_dir(&self.dir, 0o700)?;
+        let gens = self.path(GEN_DIR);
+        ensure_dir(&gens, 0o700)?;
+        let name = if info.serial.is_empty() {
+            format!("x{:016x}", fastrand::u64(..))
+        } else {
+            info.serial.clone()
+        };
+        let staging = gens.join(format!(
+            ".staging-{}-{:08x}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        ensure_dir(&staging, 0o700)?;
+        atomic_write(&staging.join(CA_BUNDLE), ca_bundle_pem.as_bytes(), 0o644)?;
+        atomic_write(&staging.join(CA_CHAIN), resp.ca_chain_pem.as_bytes(), 0o644)?;
+        atomic_write(&staging.join(NODE_KEY), key_pem.as_bytes(), 0o600)?;
+        atomic_write(&staging.join(NODE_CRT), resp.cert_pem.as_bytes(), 0o644)?;
+        if let Some(t) = &resp.instance_token {
+            atomic_write(&staging.join(TOKEN), t.as_bytes(), 0o600)?;
         }
-        atomic_write(&self.path(META), &meta_json, 0o644)?;
+        atomic_write(&staging.join(META), &meta_json, 0o644)?;
+        let target = gens.join(&name);
+        if target.exists() {
+            // Same serial twice (a replayed reply): the existing generation is identical.
+            std::fs::remove_dir_all(&staging).map_err(|e| Error::io("remove", &staging, e))?;
+        } else {
+            std::fs::rename(&staging, &target)
+                .map_err(|e| Error::io("rename into place", &target, e))?;
+        }
+        fsync_dir(&gens)?;
+        self.switch_current(&name)?;
         self.discard_pending_key()?;
+        self.prune(&name);
         Ok(meta)
     }
 
-    /// `Ok(None)` when not enrolled (no `meta.json`); an error when the set is damaged.
+    /// Point `current` at `gen/<name>` with one rename, and make sure the stable names exist.
+    fn switch_current(&self, name: &str) -> Result<()> {
+        let tmp = self.path(&format!(".current.tmp-{}", std::process::id()));
+        remove_if_exists(&tmp)?;
+        std::os::unix::fs::symlink(Path::new(GEN_DIR).join(name), &tmp)
+            .map_err(|e| Error::io("symlink", &tmp, e))?;
+        std::fs::rename(&tmp, self.path(CURRENT))
+            .map_err(|e| Error::io("rename into place", self.path(CURRENT), e))?;
+        for f in SET_FILES {
+            let link = self.path(f);
+            let want = Path::new(CURRENT).join(f);
+            match std::fs::read_link(&link) {
+                Ok(t) if t == want => continue,
+                // A flat file from an older layout, or a wrong link: replace it atomically.
+                _ => {
+                    let tmp = self.path(&format!(".{f}.link-{}", std::process::id()));
+                    remove_if_exists(&tmp)?;
+                    std::os::unix::fs::symlink(&want, &tmp)
+                        .map_err(|e| Error::io("symlink", &tmp, e))?;
+                    std::fs::rename(&tmp, &link)
+                        .map_err(|e| Error::io("rename into place", &link, e))?;
+                }
+            }
+        }
+        fsync_dir(&self.dir)
+    }
+
+    /// Remove generations older than the previous one, and abandoned staging directories.
+    fn prune(&self, current: &str) {
+        let gens = self.path(GEN_DIR);
+        let Ok(entries) = std::fs::read_dir(&gens) else {
+            return;
+        };
+        let mut old: Vec<(std::time::SystemTime, PathBuf)> = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == current {
+                continue;
+            }
+            let mtime = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            old.push((mtime, e.path()));
+        }
+        old.sort();
+        let staging: Vec<_> = old
+            .iter()
+            .filter(|(_, p)| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(".staging-"))
+            })
+            .cloned()
+            .collect();
+        let generations: Vec<_> = old
+            .iter()
+            .filter(|(_, p)| !staging.iter().any(|(_, s)| s == p))
+            .cloned()
+            .collect();
+        let drop_n = generations.len().saturating_sub(KEEP_PREVIOUS);
+        for (_, p) in staging.iter().chain(generations.iter().take(drop_n)) {
+            if let Err(e) = std::fs::remove_dir_all(p) {
+                tracing::warn!(path = %p.display(), error = %e, "cannot prune old PKI generation");
+            }
+        }
+    }
+
+    /// The current credential set. `Ok(None)` when not enrolled; an error when it is damaged.
+    /// Reads from the resolved generation directory, so a concurrent rotation cannot mix sets.
     pub fn load(&self) -> Result<Option<Credentials>> {
-        let Some(meta_text) = read_text(&self.path(META))? else {
+        let base = match self.generation()? {
+            Some(g) => self.path(GEN_DIR).join(g),
+            // The flat layout (upstream agent, or before the first rotation of an old node).
+            None => self.dir.clone(),
+        };
+        let Some(meta_text) = read_text(&base.join(META))? else {
             return Ok(None);
         };
         let meta: Meta =
             serde_json::from_str(&meta_text).map_err(|e| Error::malformed("pki/meta.json", e))?;
         let need = |name: &str| -> Result<String> {
-            read_text(&self.path(name))?.ok_or_else(|| {
-                Error::NotFound(format!("{} (meta.json exists)", self.path(name).display()))
+            read_text(&base.join(name))?.ok_or_else(|| {
+                Error::NotFound(format!("{} (meta.json exists)", base.join(name).display()))
             })
         };
         Ok(Some(Credentials {
@@ -231,7 +429,7 @@ impl PkiStore {
             cert_pem: need(NODE_CRT)?,
             ca_chain_pem: need(CA_CHAIN)?,
             ca_bundle_pem: need(CA_BUNDLE)?,
-            token: read_text(&self.path(TOKEN))?.map(|t| t.trim().to_string()),
+            token: read_text(&base.join(TOKEN))?.map(|t| t.trim().to_string()),
             meta,
         }))
     }
@@ -288,29 +486,67 @@ mod tests {
         assert_eq!(cn.as_str().unwrap(), "0b6a4c1e-uuid");
     }
 
+    struct Ca {
+        issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+        pem: String,
+    }
+
+    fn ca(name: &str) -> Ca {
+        let key = generate_key().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let pem = params.self_signed(&key).unwrap().pem();
+        Ca {
+            issuer: rcgen::Issuer::new(params, key),
+            pem,
+        }
+    }
+
+    fn leaf(ca: &Ca, key: &rcgen::KeyPair, cn: &str) -> String {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        params.signed_by(key, &ca.issuer).unwrap().pem()
+    }
+
+    fn reply(ca: &Ca, cert: String, id: &str) -> EnrollResponse {
+        EnrollResponse {
+            cert_pem: cert,
+            ca_chain_pem: ca.pem.clone(),
+            instance_id: id.into(),
+            mtls_subject: None,
+            not_after: None,
+            certificate_id: Some("c1".into()),
+            instance_token: Some("a.b.c".into()),
+        }
+    }
+
     #[test]
     fn commit_then_load_round_trips_with_modes() {
         let d = tempfile::tempdir().unwrap();
         let store = PkiStore::new(d.path().join("pki"));
         assert!(store.load().unwrap().is_none());
-        let (cert, key) = self_signed("inst-1");
+        assert!(store.generation().unwrap().is_none());
+        let ca = ca("ca");
+        let key = generate_key().unwrap();
         store.write_pending_key(&key.serialize_pem()).unwrap();
-        let resp = EnrollResponse {
-            cert_pem: cert.clone(),
-            ca_chain_pem: cert.clone(),
-            instance_id: "inst-1".into(),
-            mtls_subject: None,
-            not_after: Some("2027-01-01T00:00:00Z".into()),
-            certificate_id: Some("c1".into()),
-            instance_token: Some("a.b.c".into()),
-        };
+        let resp = reply(&ca, leaf(&ca, &key, "inst-1"), "inst-1");
         store
-            .commit(&resp, &key.serialize_pem(), &cert, Some("https://p"))
+            .commit(&resp, &key.serialize_pem(), &ca.pem, Some("https://p"))
             .unwrap();
         let creds = store.load().unwrap().unwrap();
         assert_eq!(creds.meta.mtls_subject, "inst-1");
         assert_eq!(creds.meta.platform_url.as_deref(), Some("https://p"));
         assert_eq!(creds.token.as_deref(), Some("a.b.c"));
+        assert!(
+            !creds.meta.not_after.is_empty(),
+            "not_after taken from the certificate"
+        );
         let mode = |n: &str| {
             std::fs::metadata(store.dir().join(n))
                 .unwrap()
@@ -323,14 +559,154 @@ mod tests {
         assert_eq!(mode(TOKEN), 0o600);
         assert_eq!(mode(NODE_CRT), 0o644);
         assert_eq!(mode(META), 0o644);
+        // The contract's names resolve to the current generation.
+        assert_eq!(
+            std::fs::read_to_string(store.dir().join(NODE_KEY)).unwrap(),
+            key.serialize_pem()
+        );
         assert!(
             store.pending_key().unwrap().is_none(),
             "pending key consumed"
         );
         assert!(
-            format!("{creds:?}").find("BEGIN").is_none(),
+            !format!("{creds:?}").contains("BEGIN"),
             "Debug never prints secrets"
         );
+    }
+
+    #[test]
+    fn rotation_switches_generation_and_keeps_one_previous() {
+        let d = tempfile::tempdir().unwrap();
+        let store = PkiStore::new(d.path());
+        let ca = ca("ca");
+        let mut gens = Vec::new();
+        for _ in 0..3 {
+            let key = generate_key().unwrap();
+            let resp = reply(&ca, leaf(&ca, &key, "inst-1"), "inst-1");
+            store
+                .commit(&resp, &key.serialize_pem(), &ca.pem, Some("https://p"))
+                .unwrap();
+            let g = store.generation().unwrap().unwrap();
+            assert_eq!(g, CertInfo::from_pem(&resp.cert_pem).unwrap().serial);
+            assert_eq!(store.load().unwrap().unwrap().key_pem, key.serialize_pem());
+            gens.push(g);
+        }
+        let left: Vec<_> = std::fs::read_dir(d.path().join(GEN_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left.len(), 2, "current + one previous: {left:?}");
+        assert!(left.contains(&gens[2]) && left.contains(&gens[1]));
+        // The URL survives a refresh that does not repeat it.
+        let key = generate_key().unwrap();
+        store
+            .commit(
+                &reply(&ca, leaf(&ca, &key, "inst-1"), "inst-1"),
+                &key.serialize_pem(),
+                &ca.pem,
+                None,
+            )
+            .unwrap();
+        assert_eq!(
+            store.load().unwrap().unwrap().meta.platform_url.as_deref(),
+            Some("https://p")
+        );
+    }
+
+    #[test]
+    fn bad_refresh_replies_are_refused_and_old_credentials_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let store = PkiStore::new(d.path());
+        let ca1 = ca("ca");
+        let key = generate_key().unwrap();
+        store
+            .commit(
+                &reply(&ca1, leaf(&ca1, &key, "inst-1"), "inst-1"),
+                &key.serialize_pem(),
+                &ca1.pem,
+                Some("https://p"),
+            )
+            .unwrap();
+        let before = store.generation().unwrap();
+        let new_key = generate_key().unwrap();
+        let other_key = generate_key().unwrap();
+        let evil = ca("ca");
+        let good = leaf(&ca1, &new_key, "inst-1");
+        let cases: Vec<(EnrollResponse, &str)> = vec![
+            (
+                reply(&ca1, leaf(&ca1, &other_key, "inst-1"), "inst-1"),
+                "not for this node's key",
+            ),
+            (
+                reply(&ca1, leaf(&ca1, &new_key, "inst-2"), "inst-1"),
+                "subject",
+            ),
+            (
+                reply(&evil, leaf(&evil, &new_key, "inst-1"), "inst-1"),
+                "previous CA",
+            ),
+            (
+                reply(&ca1, good[..good.len() / 2].to_string(), "inst-1"),
+                "certificate",
+            ),
+        ];
+        for (resp, needle) in cases {
+            let e = store
+                .commit(&resp, &new_key.serialize_pem(), &ca1.pem, None)
+                .unwrap_err();
+            assert!(e.to_string().contains(needle), "{needle}: {e}");
+            assert_eq!(store.generation().unwrap(), before);
+            assert_eq!(store.load().unwrap().unwrap().key_pem, key.serialize_pem());
+        }
+    }
+
+    #[test]
+    fn crash_leftovers_do_not_change_what_is_current() {
+        let d = tempfile::tempdir().unwrap();
+        let store = PkiStore::new(d.path());
+        let ca = ca("ca");
+        let key = generate_key().unwrap();
+        store
+            .commit(
+                &reply(&ca, leaf(&ca, &key, "i"), "i"),
+                &key.serialize_pem(),
+                &ca.pem,
+                Some("https://p"),
+            )
+            .unwrap();
+        // A crash mid-commit leaves a staging dir and a pending key; both are ignored by load.
+        std::fs::create_dir_all(d.path().join("gen/.staging-1-0")).unwrap();
+        std::fs::write(d.path().join("gen/.staging-1-0/node.key"), "partial").unwrap();
+        store.write_pending_key("pending").unwrap();
+        assert_eq!(store.load().unwrap().unwrap().key_pem, key.serialize_pem());
+        // The next commit clears the abandoned staging directory.
+        let k2 = generate_key().unwrap();
+        store
+            .commit(
+                &reply(&ca, leaf(&ca, &k2, "i"), "i"),
+                &k2.serialize_pem(),
+                &ca.pem,
+                None,
+            )
+            .unwrap();
+        assert!(!d.path().join("gen/.staging-1-0").exists());
+    }
+
+    #[test]
+    fn flat_layout_from_the_upstream_agent_still_loads() {
+        let d = tempfile::tempdir().unwrap();
+        for (f, c) in [
+            (META, r#"{"instance_id":"i","mtls_subject":"i"}"#),
+            (NODE_KEY, "k"),
+            (NODE_CRT, "c"),
+            (CA_CHAIN, "x"),
+            (CA_BUNDLE, "y"),
+        ] {
+            std::fs::write(d.path().join(f), c).unwrap();
+        }
+        let creds = PkiStore::new(d.path()).load().unwrap().unwrap();
+        assert_eq!(creds.meta.instance_id, "i");
+        assert!(creds.token.is_none());
     }
 
     #[test]

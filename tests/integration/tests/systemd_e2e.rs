@@ -182,7 +182,7 @@ fn node_enrolls_and_heartbeats_under_systemd() -> Result<()> {
         ("meta.json", "644 powernode"),
     ] {
         let p = format!("/persist/var/lib/powernode/pki/{file}");
-        let got = c.exec_ok(&["stat", "-c", "%a %U", &p])?;
+        let got = c.exec_ok(&["stat", "-L", "-c", "%a %U", &p])?;
         ensure!(got.trim() == want, "{p}: {got:?} want {want:?}");
     }
 
