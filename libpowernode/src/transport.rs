@@ -195,6 +195,71 @@ impl PlatformClient {
     }
 }
 
+/// The instance client every long-lived process uses: it follows credential rotation. Before
+/// each request it reads the PKI store's generation (one readlink) and rebuilds its TLS client
+/// when another process (certd) installed new credentials, so no process keeps presenting an
+/// old certificate or JWT — polling the link cannot miss a change the way a lost inotify event
+/// or D-Bus signal could.
+#[derive(Debug)]
+pub struct InstanceClient {
+    cfg: PlatformConfig,
+    store: crate::pki::PkiStore,
+    generation: Option<String>,
+    client: Option<PlatformClient>,
+    meta: Option<crate::pki::Meta>,
+}
+
+impl InstanceClient {
+    pub fn new(cfg: PlatformConfig, store: crate::pki::PkiStore) -> Self {
+        InstanceClient {
+            cfg,
+            store,
+            generation: None,
+            client: None,
+            meta: None,
+        }
+    }
+
+    /// Reload if the credentials changed; error if the node is not enrolled.
+    pub fn refresh(&mut self) -> Result<&PlatformClient> {
+        let generation = self.store.generation()?;
+        if self.client.is_none() || generation != self.generation || generation.is_none() {
+            let creds = self
+                .store
+                .load()?
+                .ok_or_else(|| Error::NotFound("no credentials: the node is not enrolled".into()))?;
+            let client = PlatformClient::from_credentials(&self.cfg, &creds)?;
+            if self.generation.is_some() && generation != self.generation {
+                tracing::info!(from = ?self.generation, to = ?generation, "credentials rotated; client reloaded");
+            }
+            self.client = Some(client);
+            self.meta = Some(creds.meta);
+            self.generation = generation;
+        }
+        self.client
+            .as_ref()
+            .ok_or_else(|| Error::NotFound("no client".into()))
+    }
+
+    /// The generation (certificate serial) the last request was made with.
+    pub fn generation(&self) -> Option<&str> {
+        self.generation.as_deref()
+    }
+
+    pub fn meta(&self) -> Option<&crate::pki::Meta> {
+        self.meta.as_ref()
+    }
+
+    pub async fn post<Req: Serialize + ?Sized, Resp: DeserializeOwned>(
+        &mut self,
+        path: &str,
+        body: &Req,
+    ) -> Result<Resp> {
+        let client = self.refresh()?.clone();
+        client.post(path, body).await
+    }
+}
+
 fn send_error(url: &str, e: reqwest::Error) -> Error {
     // The full source chain says *why* (certificate unknown, connection refused, …).
     let mut msg = format!("{url}: {e}");
