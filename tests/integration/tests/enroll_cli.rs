@@ -41,7 +41,10 @@ impl Enroll {
 
 fn enroll(url: &str, ca: &Path, token: &str, subject: &str, root: &Path) -> Result<Enroll> {
     let out = run(Command::new(bin("powernode-agent")?)
-        .args(["enroll", "--json", "--token", token, "--platform-url", url])
+        .args(["enroll", "--json", "--platform-url", url])
+        // `--token=T`, not `--token T`: a url-safe base64 token may start with '-', which clap
+        // takes for a flag (product bug, reported; see services/agent/src/cli.rs EnrollArgs).
+        .arg(format!("--token={token}"))
         .arg("--ca")
         .arg(ca)
         .args(["--subject", subject])
