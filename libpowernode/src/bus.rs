@@ -11,6 +11,8 @@ pub const IDENTITY_NAME: &str = "com.powernode.Identity1";
 pub const IDENTITY_PATH: &str = "/com/powernode/Identity1";
 pub const ENROLL_NAME: &str = "com.powernode.Enroll1";
 pub const ENROLL_PATH: &str = "/com/powernode/Enroll1";
+pub const CERT_NAME: &str = "com.powernode.Cert1";
+pub const CERT_PATH: &str = "/com/powernode/Cert1";
 pub const AGENT_NAME: &str = "com.powernode.Agent1";
 pub const AGENT_PATH: &str = "/com/powernode/Agent1";
 
@@ -138,6 +140,41 @@ pub trait Agent1 {
     fn next_poll_seconds(&self) -> zbus::Result<u64>;
     #[zbus(property)]
     fn last_error(&self) -> zbus::Result<String>;
+}
+
+#[proxy(
+    interface = "com.powernode.Cert1",
+    default_service = "com.powernode.Cert1",
+    default_path = "/com/powernode/Cert1"
+)]
+pub trait Cert1 {
+    /// Rotate now, whatever the schedule says (the clock must still be trusted).
+    fn rotate_now(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn serial(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn not_before(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn not_after(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn renew_at(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn last_error(&self) -> zbus::Result<String>;
+    #[zbus(signal)]
+    fn certificate_rotated(&self, serial: String) -> zbus::Result<()>;
+}
+
+/// systemd-timedated, for the clock-trust decision.
+#[proxy(
+    interface = "org.freedesktop.timedate1",
+    default_service = "org.freedesktop.timedate1",
+    default_path = "/org/freedesktop/timedate1"
+)]
+pub trait Timedate1 {
+    #[zbus(property, name = "NTPSynchronized")]
+    fn ntp_synchronized(&self) -> zbus::Result<bool>;
 }
 
 /// Connect to the system bus (`DBUS_SYSTEM_BUS_ADDRESS` is honoured, which is how tests point

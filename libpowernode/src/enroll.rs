@@ -73,14 +73,15 @@ pub async fn enroll(cfg: &PlatformConfig, store: &PkiStore, p: &EnrollParams) ->
     };
     let resp: EnrollResponse = match client.post(PATH_ENROLL, &req).await {
         Ok(r) => r,
-        Err(e @ Error::Refused { .. }) => {
+        Err(e @ (Error::Refused { .. } | Error::NotConnected(_))) => {
+            // Refused: the platform said no. Not connected: the token never left the node.
             store.discard_pending_key()?;
             return Err(e);
         }
-        Err(e @ (Error::Unreachable(_) | Error::Unavailable { .. })) => {
+        Err(Error::Unreachable(m)) | Err(Error::Unavailable { message: m, .. }) => {
             return Err(Error::Unreachable(format!(
-                "{e}; if the request reached the platform the bootstrap token is now consumed \
-                 and a new one is needed (the key in {} is kept for a retry)",
+                "{m}; the reply was lost after the request was sent, so the bootstrap token may \
+                 now be consumed and a new one needed (the key in {} is kept for a retry)",
                 store.dir().display()
             )));
         }

@@ -70,6 +70,10 @@ pub enum Error {
     },
     #[error("platform unreachable: {0}")]
     Unreachable(String),
+    /// No connection was established (TCP refused, TLS handshake failed): the request was
+    /// provably never sent, so nothing it carried (a bootstrap token) was spent.
+    #[error("platform not reached, nothing was sent: {0}")]
+    NotConnected(String),
     /// The platform answered "not ready yet" (5xx, 429): retryable, maybe after a given delay.
     #[error("platform unavailable (HTTP {status}): {message}")]
     Unavailable {
@@ -104,7 +108,9 @@ impl Error {
         match self {
             Error::Config(_) => ErrorKind::Config,
             Error::Io { .. } => ErrorKind::Io,
-            Error::Unreachable(_) | Error::Unavailable { .. } => ErrorKind::Unreachable,
+            Error::Unreachable(_) | Error::NotConnected(_) | Error::Unavailable { .. } => {
+                ErrorKind::Unreachable
+            }
             Error::Refused { .. } => ErrorKind::Refused,
             Error::Malformed { .. } => ErrorKind::Malformed,
             Error::TooLarge { .. } => ErrorKind::TooLarge,

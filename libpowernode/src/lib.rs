@@ -7,16 +7,19 @@
 
 pub mod api;
 pub mod bus;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod enroll;
 pub mod error;
+pub mod fault;
 pub mod fsutil;
 pub mod heartbeat;
 pub mod identity;
 pub mod paths;
 pub mod pki;
 pub mod retry;
+pub mod rotation;
 pub mod sandbox;
 pub mod sysinfo;
 pub mod systemd;

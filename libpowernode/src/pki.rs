@@ -333,6 +333,7 @@ impl PkiStore {
                 .map_err(|e| Error::io("rename into place", &target, e))?;
         }
         fsync_dir(&gens)?;
+        crate::fault::point("rotate-mid-swap");
         self.switch_current(&name)?;
         self.discard_pending_key()?;
         self.prune(&name);

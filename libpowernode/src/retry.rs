@@ -27,7 +27,9 @@ pub trait Retryable {
 impl Retryable for Error {
     fn retry_class(&self) -> RetryClass {
         match self {
-            Error::Unreachable(_) => RetryClass::Transient { retry_after: None },
+            Error::Unreachable(_) | Error::NotConnected(_) => {
+                RetryClass::Transient { retry_after: None }
+            }
             Error::Unavailable { retry_after, .. } => RetryClass::Transient {
                 retry_after: *retry_after,
             },

@@ -24,6 +24,7 @@ use crate::{Error, Result};
 pub enum Profile {
     Identity,
     Enroll,
+    Cert,
     Agent,
 }
 
@@ -32,6 +33,7 @@ impl Profile {
         match self {
             Profile::Identity => "identity",
             Profile::Enroll => "enroll",
+            Profile::Cert => "cert",
             Profile::Agent => "agent",
         }
     }
@@ -41,7 +43,7 @@ impl Profile {
         match self {
             // fw-cfg and DMI files are root-only 0400.
             Profile::Identity => vec![caps::Capability::CAP_DAC_READ_SEARCH],
-            Profile::Enroll | Profile::Agent => Vec::new(),
+            Profile::Enroll | Profile::Cert | Profile::Agent => Vec::new(),
         }
     }
 }
@@ -128,7 +130,7 @@ impl FsRules {
                 read.push(paths.state_dir());
                 write.push(paths.run_dir());
             }
-            Profile::Enroll => {
+            Profile::Enroll | Profile::Cert => {
                 read.push(paths.run_dir());
                 write.push(paths.state_dir());
             }

@@ -224,10 +224,9 @@ impl InstanceClient {
     pub fn refresh(&mut self) -> Result<&PlatformClient> {
         let generation = self.store.generation()?;
         if self.client.is_none() || generation != self.generation || generation.is_none() {
-            let creds = self
-                .store
-                .load()?
-                .ok_or_else(|| Error::NotFound("no credentials: the node is not enrolled".into()))?;
+            let creds = self.store.load()?.ok_or_else(|| {
+                Error::NotFound("no credentials: the node is not enrolled".into())
+            })?;
             let client = PlatformClient::from_credentials(&self.cfg, &creds)?;
             if self.generation.is_some() && generation != self.generation {
                 tracing::info!(from = ?self.generation, to = ?generation, "credentials rotated; client reloaded");
@@ -261,15 +260,21 @@ impl InstanceClient {
 }
 
 fn send_error(url: &str, e: reqwest::Error) -> Error {
-    // The full source chain says *why* (certificate unknown, connection refused, …).
-    let mut msg = format!("{url}: {e}");
+    // The deepest cause says *why* (certificate unknown, connection refused, …); reqwest's own
+    // layers only repeat the URL.
+    let mut cause = e.to_string();
     let mut src = std::error::Error::source(&e);
     while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
+        cause = s.to_string();
         src = s.source();
     }
-    Error::Unreachable(msg)
+    let msg = format!("{url}: {cause}");
+    // A connect error (TCP or TLS handshake) means the request never left this node.
+    if e.is_connect() {
+        Error::NotConnected(msg)
+    } else {
+        Error::Unreachable(msg)
+    }
 }
 
 async fn read_capped(resp: reqwest::Response, limit: u64) -> Result<Vec<u8>> {

@@ -82,8 +82,8 @@ pub struct ServiceArgs {
 
 #[derive(Debug, Args)]
 pub struct EnrollArgs {
-    /// Bootstrap token (single use).
-    #[arg(long)]
+    /// Bootstrap token (single use). URL-safe base64 may start with '-'.
+    #[arg(long, allow_hyphen_values = true)]
     pub token: String,
     #[arg(long)]
     pub platform_url: String,
@@ -130,7 +130,7 @@ fn dispatch(command: Command, paths: &Paths) -> CmdResult {
         Command::Service(_) => unreachable!("handled before logging set-up"),
         Command::Enroll(a) => enroll(a, paths).map_err(|e| ("enroll", e)),
         Command::Introspect => introspect(paths).map_err(|e| ("introspect", e)),
-        Command::Status => status().map_err(|e| ("status", e)),
+        Command::Status => status(paths).map_err(|e| ("status", e)),
         Command::Version => Ok(Report::ok(
             "version",
             obj(
@@ -232,7 +232,34 @@ fn introspect(paths: &Paths) -> anyhow::Result<Report> {
     Ok(Report::ok("introspect", details))
 }
 
-fn status() -> anyhow::Result<Report> {
+/// The certificate as on disk, with the rotation schedule computed the way certd does.
+fn certificate_status(paths: &Paths) -> anyhow::Result<Value> {
+    let Some(creds) = PkiStore::new(paths.pki_dir()).load()? else {
+        return Ok(json!({"state": "not-enrolled"}));
+    };
+    let now = time::OffsetDateTime::now_utc();
+    // The CLI does not ask timedated; evidence alone decides (same rule as certd without NTP).
+    let trust = powernode::clock::judge(now, false, powernode::clock::load(paths)?);
+    let (info, verdict) = powernode::rotation::decide(now, &trust, &creds)?;
+    let renew_at = match &verdict {
+        powernode::rotation::Verdict::NotDue { renew_at }
+        | powernode::rotation::Verdict::Due { renew_at } => {
+            Some(powernode::pki::rfc3339(*renew_at))
+        }
+        _ => None,
+    };
+    Ok(json!({
+        "serial": info.serial,
+        "not_before": powernode::pki::rfc3339(info.not_before),
+        "not_after": powernode::pki::rfc3339(info.not_after),
+        "renew_at": renew_at,
+        "rotation_state": verdict.state(),
+        "token_expires_at": creds.token.as_deref().and_then(powernode::pki::jwt_expiry).map(powernode::pki::rfc3339),
+    }))
+}
+
+fn status(paths: &Paths) -> anyhow::Result<Report> {
+    let certificate = certificate_status(paths)?;
     runtime()?.block_on(async {
         let conn = powernode::bus::system_bus().await?;
         let agent = powernode::bus::Agent1Proxy::new(&conn).await?;
@@ -243,6 +270,7 @@ fn status() -> anyhow::Result<Report> {
             "heartbeat_count": agent.heartbeat_count().await?,
             "next_poll_seconds": agent.next_poll_seconds().await?,
             "last_error": agent.last_error().await?,
+            "certificate": certificate,
         });
         Ok(Report::ok("status", obj(details)))
     })

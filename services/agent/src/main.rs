@@ -13,6 +13,7 @@ fn main() -> ExitCode {
     match multicall::callname_from_argv0(argv.first().map(|s| s.as_os_str())) {
         multicall::Callname::Identityd => powernode_identityd::entry(argv),
         multicall::Callname::Enrolld => powernode_enrolld::entry(argv),
+        multicall::Callname::Certd => powernode_certd::entry(argv),
         multicall::Callname::Ipn => {
             eprintln!(
                 "ipn: the legacy flag interface is not available in this build; use `powernode-agent <command>`"

@@ -8,6 +8,7 @@ pub enum Callname {
     Agent,
     Identityd,
     Enrolld,
+    Certd,
     /// The upstream agent's legacy name.
     Ipn,
 }
@@ -21,6 +22,7 @@ pub fn callname_from_argv0(argv0: Option<&OsStr>) -> Callname {
     match name {
         "powernode-identityd" => Callname::Identityd,
         "powernode-enrolld" => Callname::Enrolld,
+        "powernode-certd" => Callname::Certd,
         "ipn" => Callname::Ipn,
         _ => Callname::Agent,
     }
@@ -38,6 +40,10 @@ mod tests {
                 Callname::Identityd,
             ),
             (Some("powernode-enrolld"), Callname::Enrolld),
+            (
+                Some("/usr/libexec/powernode/powernode-certd"),
+                Callname::Certd,
+            ),
             (Some("/sbin/ipn"), Callname::Ipn),
             (Some("/usr/bin/powernode-agent"), Callname::Agent),
             (Some("./target/debug/powernode-agent"), Callname::Agent),

@@ -16,7 +16,7 @@ use powernode::paths::Paths;
 use powernode::pki::{Credentials, PkiStore};
 use powernode::retry::RetryPolicy;
 use powernode::sandbox::Profile;
-use powernode::transport::PlatformClient;
+use powernode::transport::InstanceClient;
 use powernode::{Error, ErrorKind, heartbeat, systemd};
 use tokio::sync::{Mutex, Notify};
 use zbus::object_server::{InterfaceRef, SignalEmitter};
@@ -159,28 +159,37 @@ impl Agent {
         }
     }
 
-    async fn beat(&self, client: &PlatformClient) -> powernode::Result<HeartbeatResponse> {
+    async fn beat(&self, client: &mut InstanceClient) -> powernode::Result<HeartbeatResponse> {
         let payload: HeartbeatRequest = heartbeat::gather(&self.paths, BTreeMap::new(), false)?;
-        client.post(PATH_HEARTBEAT, &payload).await
+        let r: HeartbeatResponse = client.post(PATH_HEARTBEAT, &payload).await?;
+        // An mTLS-authenticated platform time: evidence for the clock-trust decision.
+        if let Some(t) = r.server_time.as_deref().and_then(|t| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+        }) && let Err(e) = powernode::clock::record(&self.paths, t)
+        {
+            tracing::warn!(error = %e, "cannot record platform time");
+        }
+        Ok(r)
     }
 
     async fn run(&self) -> powernode::Result<()> {
         let creds = self.credentials().await?;
-        let mut cfg = self.cfg.platform.clone();
-        if cfg.url.is_none() {
-            cfg.url = creds.meta.platform_url.clone();
-        }
-        let client = PlatformClient::from_credentials(&cfg, &creds)?;
+        // Follows rotations by certd: each request uses the current credentials.
+        let mut client = InstanceClient::new(
+            self.cfg.platform.clone(),
+            PkiStore::new(self.paths.pki_dir()),
+        );
         let instance = creds.meta.instance_id.clone();
+        let platform = client.refresh()?.base_url().to_string();
         self.update(|s| {
             s.instance_id = instance.clone();
             s.state = "running";
         })
         .await;
-        tracing::info!(instance = %instance, platform = client.base_url(), "heartbeating");
+        tracing::info!(instance = %instance, platform = %platform, "heartbeating");
         let mut next_poll: Option<u64> = None;
         loop {
-            match self.beat(&client).await {
+            match self.beat(&mut client).await {
                 Ok(r) => {
                     next_poll = r.next_poll_seconds.or(next_poll);
                     let at = r.server_time.unwrap_or_else(|| {

@@ -268,6 +268,8 @@ fn non_empty(s: Option<String>) -> Option<String> {
 #[derive(Debug, Clone)]
 pub struct InstanceAuth {
     pub instance_id: String,
+    /// Serial (hex) of the client certificate this request was made with.
+    pub serial: String,
 }
 
 impl FromRequestParts<Arc<AppState>> for InstanceAuth {
@@ -314,6 +316,7 @@ impl FromRequestParts<Arc<AppState>> for InstanceAuth {
             ));
         }
         let store = state.store.clone();
+        let seen = serial.clone();
         let instance_id = blocking(move || {
             store.transact(|s| {
                 let Some(instance) = s
@@ -328,7 +331,7 @@ impl FromRequestParts<Arc<AppState>> for InstanceAuth {
                 if matches!(instance.status.as_str(), "terminated" | "error") {
                     return Err(ApiError::unauthorized("Instance is not active"));
                 }
-                let outcome = if instance.note_serial_seen(&serial) {
+                let outcome = if instance.note_serial_seen(&seen) {
                     Outcome::Changed
                 } else {
                     Outcome::Unchanged
@@ -337,7 +340,10 @@ impl FromRequestParts<Arc<AppState>> for InstanceAuth {
             })
         })
         .await?;
-        Ok(Self { instance_id })
+        Ok(Self {
+            instance_id,
+            serial,
+        })
     }
 }
 
@@ -568,6 +574,7 @@ async fn heartbeat(
             i.memory_free_kb = req.memory_free_kb;
             i.sdwan_state = req.sdwan_state;
             i.last_heartbeat_at = Some(now);
+            i.last_heartbeat_serial = Some(auth.serial.clone());
             i.heartbeat_count += 1;
             if i.status == store::STATUS_PENDING {
                 i.status = store::STATUS_RUNNING.to_owned();

@@ -39,11 +39,11 @@ enum Command {
         /// `next_poll_seconds` returned by heartbeats.
         #[arg(long, default_value_t = 30)]
         next_poll_seconds: u64,
-        /// Lifetime of node client certificates.
-        #[arg(long, default_value_t = 7_776_000)]
+        /// Lifetime of node client certificates (seconds, or with an s/m/h/d suffix).
+        #[arg(long, visible_alias = "cert-ttl", default_value = "90d", value_parser = parse_duration)]
         cert_ttl_secs: u64,
-        /// Lifetime of instance JWTs.
-        #[arg(long, default_value_t = 86_400)]
+        /// Lifetime of instance JWTs (seconds, or with an s/m/h/d suffix).
+        #[arg(long, visible_alias = "jwt-ttl", default_value = "24h", value_parser = parse_duration)]
         jwt_ttl_secs: u64,
     },
     /// Bootstrap tokens.
@@ -194,5 +194,38 @@ mod tests {
             (30, 7_776_000, 86_400)
         );
         assert!(sans.is_empty());
+    }
+}
+
+/// `120`, `120s`, `2m`, `1h`, `90d` → seconds.
+fn parse_duration(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3600),
+        Some((i, 'd')) => (&s[..i], 86_400),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("invalid duration {s:?} (use e.g. 120, 120s, 2m, 1h, 90d)"))
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use super::parse_duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("120"), Ok(120));
+        assert_eq!(parse_duration("120s"), Ok(120));
+        assert_eq!(parse_duration("2m"), Ok(120));
+        assert_eq!(parse_duration("90d"), Ok(7_776_000));
+        assert!(parse_duration("0").is_err());
+        assert!(parse_duration("x").is_err());
+        assert!(parse_duration("5w").is_err());
     }
 }

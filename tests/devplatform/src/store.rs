@@ -103,6 +103,9 @@ pub struct Instance {
     /// Serials of client certificates presented on authenticated calls, first-seen order.
     #[serde(default)]
     pub certificate_serials_seen: Vec<String>,
+    /// Serial of the client certificate the last heartbeat was made with.
+    #[serde(default)]
+    pub last_heartbeat_serial: Option<String>,
 }
 
 impl Instance {
@@ -126,6 +129,7 @@ impl Instance {
             sdwan_state: None,
             certificates_issued: Vec::new(),
             certificate_serials_seen: Vec::new(),
+            last_heartbeat_serial: None,
         }
     }
 

@@ -15,6 +15,7 @@ pub const SYSTEM_UNIT_DIR: &str = "usr/lib/systemd/system";
 pub const BINARIES: &[(&str, &str)] = &[
     ("powernode-identityd", "usr/libexec/powernode"),
     ("powernode-enrolld", "usr/libexec/powernode"),
+    ("powernode-certd", "usr/libexec/powernode"),
     ("powernode-agent", "usr/bin"),
 ];
 
