@@ -31,6 +31,9 @@ pub mod tlog;
 pub mod trust_root;
 pub mod tsa;
 
+#[cfg(test)]
+mod fixture_tests;
+
 use std::fmt;
 
 pub use bundle::Bundle;
