@@ -89,6 +89,9 @@ impl Default for DaemonConfig {
 pub struct IdentityConfig {
     /// Base URL of the cloud metadata service (link-local by default; tests point it at loopback).
     pub metadata_url: Option<String>,
+    /// argv prefix of the vSphere guestinfo tool (`["vmware-rpctool"]` by default, or
+    /// `["vmtoolsd", "--cmd"]`); `info-get guestinfo.powernode.userdata` is appended.
+    pub vsphere_command: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -24,6 +24,7 @@ pub mod sandbox;
 pub mod sysinfo;
 pub mod systemd;
 pub mod transport;
+pub mod verify;
 
 pub use error::{Error, ErrorKind, Result};
 

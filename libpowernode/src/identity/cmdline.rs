@@ -1,8 +1,7 @@
 //! Strategy 1: the kernel command line (`powernode.instance_uuid=…`, alias `powernode.id=…`).
 
-use super::{Fields, Identity, Probe, Source, Strategy};
+use super::{Ctx, Fields, Identity, Probe, Source, Strategy};
 use crate::fsutil::read_optional;
-use crate::paths::Paths;
 use crate::{Error, Result};
 
 /// /proc/cmdline is at most a few KiB (COMMAND_LINE_SIZE is 2048–4096 on x86).
@@ -15,7 +14,8 @@ impl Strategy for KernelCmdline {
         Source::KernelCmdline
     }
 
-    fn probe(&self, paths: &Paths) -> Result<Probe> {
+    fn probe_local(&self, ctx: &Ctx) -> Result<Probe> {
+        let paths = &ctx.paths;
         let p = paths.proc_cmdline();
         let Some(bytes) = read_optional(&p, MAX_CMDLINE)? else {
             return Ok(Probe::Absent(format!(

@@ -2,9 +2,8 @@
 
 use std::path::Path;
 
-use super::{Fields, Identity, Probe, Source, Strategy};
+use super::{Ctx, Fields, Identity, Probe, Source, Strategy};
 use crate::fsutil::read_optional;
-use crate::paths::Paths;
 use crate::{Error, Result};
 
 /// fw-cfg items are small; a CA bundle is the largest expected value.
@@ -30,7 +29,8 @@ impl Strategy for FwCfg {
         Source::FwCfg
     }
 
-    fn probe(&self, paths: &Paths) -> Result<Probe> {
+    fn probe_local(&self, ctx: &Ctx) -> Result<Probe> {
+        let paths = &ctx.paths;
         let dir = paths.fw_cfg_dir();
         if !dir.is_dir() {
             return Ok(Probe::Absent(format!("fw-cfg: {} missing", dir.display())));

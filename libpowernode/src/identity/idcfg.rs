@@ -4,9 +4,8 @@
 //! Format: shell-style `KEY=VALUE` lines (`ID`, `KEY`, `SERVER`, `CA_PEM`, `CA_PEM_FILE`), `#`
 //! comments, optional `export ` prefix, surrounding quotes stripped.
 
-use super::{Fields, Identity, Probe, Source, Strategy};
+use super::{Ctx, Fields, Identity, Probe, Source, Strategy};
 use crate::fsutil::read_optional;
-use crate::paths::Paths;
 use crate::{Error, Result};
 
 const MAX_CFG: u64 = 256 * 1024;
@@ -61,7 +60,8 @@ impl Strategy for LocalIdentityCfg {
         Source::IdentityCfg
     }
 
-    fn probe(&self, paths: &Paths) -> Result<Probe> {
+    fn probe_local(&self, ctx: &Ctx) -> Result<Probe> {
+        let paths = &ctx.paths;
         let mut tried = Vec::new();
         for p in paths.local_identity_cfgs() {
             let Some(bytes) = read_optional(&p, MAX_CFG)? else {
@@ -75,24 +75,35 @@ impl Strategy for LocalIdentityCfg {
                 tried.push(format!("{} has no ID", p.display()));
                 continue;
             }
-            // Inline CA wins; a CA_PEM_FILE path is resolved under the node root.
-            if cfg.fields.ca_pem.is_none()
-                && let Some(f) = cfg.ca_pem_file.take()
-            {
-                let ca_path = paths.under(&f);
-                let ca = read_optional(&ca_path, MAX_CFG)?.ok_or_else(|| {
-                    Error::Identity(format!(
-                        "{}: CA_PEM_FILE {} missing",
-                        p.display(),
-                        ca_path.display()
-                    ))
-                })?;
-                cfg.fields.ca_pem = Some(String::from_utf8_lossy(&ca).into_owned());
-            }
+            fill_ca(paths, &p, &mut cfg)?;
             let evidence = format!("ID in {}", p.display());
             return Identity::from_fields(cfg.fields, Source::IdentityCfg, evidence)
                 .map(Probe::Found);
         }
         Ok(Probe::Absent(format!("identity-cfg: {}", tried.join(", "))))
     }
+}
+
+/// Inline `CA_PEM` wins; a `CA_PEM_FILE` path is resolved under the node root and must exist.
+pub(super) fn fill_ca(
+    paths: &crate::paths::Paths,
+    cfg_path: &std::path::Path,
+    cfg: &mut IdentityCfg,
+) -> Result<()> {
+    if cfg.fields.ca_pem.is_some() {
+        return Ok(());
+    }
+    let Some(f) = cfg.ca_pem_file.take() else {
+        return Ok(());
+    };
+    let ca_path = paths.under(&f);
+    let ca = read_optional(&ca_path, MAX_CFG)?.ok_or_else(|| {
+        Error::Identity(format!(
+            "{}: CA_PEM_FILE {} missing",
+            cfg_path.display(),
+            ca_path.display()
+        ))
+    })?;
+    cfg.fields.ca_pem = Some(String::from_utf8_lossy(&ca).into_owned());
+    Ok(())
 }

@@ -1,27 +1,51 @@
 //! Who this node is: the identity discovery cascade.
 //!
-//! Strategies run in the contract's order (shared/node-api.md Part B §3) and the first that yields
-//! an instance UUID wins; a strategy that finds nothing says why, and a strategy that fails is
-//! remembered and reported only if nothing wins. This build has the local strategies — kernel
-//! command line, QEMU fw-cfg and the local identity.cfg files; cloud metadata and claim polling
-//! slot into the same [`Strategy`] trait.
+//! Strategies run in the contract's order (shared/node-api.md Part B §3, extended by issue 3):
+//! kernel command line → fw-cfg → claim polling → AWS → GCP → Azure → DigitalOcean → Hetzner →
+//! KubeVirt config drive → vSphere guestinfo → DMI → local identity.cfg. The first that yields an
+//! instance UUID wins; a strategy that finds nothing says why, and a strategy that fails is
+//! remembered and reported only if nothing wins.
+//!
+//! Speed: the two leading local strategies are read first (no packet leaves the node when they
+//! match); everything else then starts at once, and the cascade walks the results in order, so a
+//! black-holed metadata address costs one overall deadline ([`Settings::deadline`], 2 s), not the
+//! sum of the probes. Precedence stays the fixed order whatever finishes first.
 //!
 //! The result is cached in `/run/powernode/identity.json` (0600): it holds the bootstrap token, so
-//! it never leaves the node and [`Identity::public`] is what D-Bus and the CLI show.
+//! it never leaves the node and [`Identity::public`] is what D-Bus and the CLI show. Once the node
+//! is enrolled (PKI present) a restart never re-runs network discovery: see [`obtain`].
 
+mod claim;
+mod cloud;
 mod cmdline;
+mod configdrive;
+mod dmi;
 mod fwcfg;
+mod http;
 mod idcfg;
+mod userdata;
+mod vsphere;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::config::{Config, PlatformConfig};
 use crate::fsutil::{atomic_write, ensure_dir, read_optional};
 use crate::paths::Paths;
+use crate::pki::PkiStore;
+use crate::retry::RetryPolicy;
 use crate::{Error, Result};
 
 pub use cmdline::parse_cmdline;
 pub use idcfg::parse_identity_cfg;
+pub use userdata::{UserDataFormat, parse_user_data};
 
 /// Where an identity came from; the strings are the stable names of `introspect --json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +63,9 @@ pub enum Source {
     Vsphere,
     Dmi,
     IdentityCfg,
+    /// Rebuilt from the enrolled credentials (`pki/meta.json`) after a reboot, when no local
+    /// source names the node: network discovery is never re-run once enrolled.
+    Pki,
 }
 
 impl Source {
@@ -56,6 +83,7 @@ impl Source {
             Source::Vsphere => "vsphere",
             Source::Dmi => "dmi",
             Source::IdentityCfg => "identity-cfg",
+            Source::Pki => "pki",
         }
     }
 }
@@ -71,7 +99,7 @@ pub struct Identity {
     #[serde(default)]
     pub instance_name: Option<String>,
     pub source: Source,
-    /// Human-readable: which file and key decided.
+    /// Human-readable: which file, key or URL decided.
     pub evidence: String,
     #[serde(with = "time::serde::rfc3339")]
     pub discovered_at: OffsetDateTime,
@@ -111,7 +139,7 @@ impl Identity {
         }
     }
 
-    /// Fields a strategy found, before validation.
+    /// Validate the fields a strategy found and make them an identity.
     fn from_fields(f: Fields, source: Source, evidence: String) -> Result<Identity> {
         let uuid = f.instance_uuid.unwrap_or_default();
         validate_instance_id(&uuid)?;
@@ -185,26 +213,222 @@ pub enum Probe {
     Absent(String),
 }
 
-/// One identity source. Methods have defaults so a source implements only what it offers.
+/// The link-local metadata address every supported cloud answers on.
+pub const DEFAULT_METADATA_URL: &str = "http://169.254.169.254";
+/// Environment override of `[identity] metadata_url` (tests point it at loopback).
+pub const METADATA_URL_ENV: &str = "POWERNODE_METADATA_URL";
+/// One metadata request (the upstream agent's per-probe budget).
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Every cloud probe, retries included, is over by then: the worst case of the whole network
+/// phase when the metadata address black-holes (issue 3's goal; upstream's budget is 30 s).
+pub const CLOUD_DEADLINE: Duration = Duration::from_secs(2);
+/// Metadata bodies above this are refused (upstream's cap; user-data for us is a few lines).
+pub const METADATA_BODY_LIMIT: usize = 64 * 1024;
+/// `vmware-rpctool "info-get guestinfo.powernode.userdata"` is the guestinfo interface.
+pub const DEFAULT_VSPHERE_COMMAND: &str = "vmware-rpctool";
+/// A claim server asking for faster polling than this is slowed down to it.
+pub const CLAIM_MIN_POLL: Duration = Duration::from_secs(1);
+
+/// Called with each new claim code while a claim is pending (D-Bus shows it).
+pub type ClaimObserver = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Everything the strategies need besides the node root: where to ask and how long to wait.
+#[derive(Clone)]
+pub struct Settings {
+    /// Base URL of the cloud metadata service, plain `http://`.
+    pub metadata_url: String,
+    pub probe_timeout: Duration,
+    pub deadline: Duration,
+    pub body_limit: usize,
+    /// argv prefix of the guestinfo tool; `info-get guestinfo.<key>` is appended. Empty disables.
+    pub vsphere_command: Vec<String>,
+    /// `[platform]` settings: the claim request goes through the platform client, and a configured
+    /// `url` is the platform of a DMI identity.
+    pub platform: PlatformConfig,
+    /// The claim request's retry policy (5xx, timeouts).
+    pub retry: RetryPolicy,
+    pub claim_min_poll: Duration,
+    /// Skip strategies that need the network (claim, clouds): used by `introspect`, and after
+    /// enrollment.
+    pub offline: bool,
+    pub on_claim_code: Option<ClaimObserver>,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("metadata_url", &self.metadata_url)
+            .field("deadline", &self.deadline)
+            .field("vsphere_command", &self.vsphere_command)
+            .field("offline", &self.offline)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            metadata_url: DEFAULT_METADATA_URL.into(),
+            probe_timeout: PROBE_TIMEOUT,
+            deadline: CLOUD_DEADLINE,
+            body_limit: METADATA_BODY_LIMIT,
+            vsphere_command: vec![DEFAULT_VSPHERE_COMMAND.into()],
+            platform: PlatformConfig::default(),
+            retry: RetryPolicy::default(),
+            claim_min_poll: CLAIM_MIN_POLL,
+            offline: false,
+            on_claim_code: None,
+        }
+    }
+}
+
+impl Settings {
+    /// Settings from the merged configuration; `$POWERNODE_METADATA_URL` overrides
+    /// `[identity] metadata_url`.
+    pub fn from_config(cfg: &Config) -> Result<Settings> {
+        let env = std::env::var(METADATA_URL_ENV)
+            .ok()
+            .filter(|v| !v.trim().is_empty());
+        Settings::from_config_with(cfg, env.as_deref())
+    }
+
+    /// [`Settings::from_config`] with the environment value passed in (testable without
+    /// touching the process environment).
+    pub fn from_config_with(cfg: &Config, metadata_env: Option<&str>) -> Result<Settings> {
+        let url = metadata_env
+            .or(cfg.identity.metadata_url.as_deref())
+            .unwrap_or(DEFAULT_METADATA_URL)
+            .trim()
+            .trim_end_matches('/')
+            .to_string();
+        if !url.starts_with("http://") {
+            return Err(Error::Config(format!(
+                "identity metadata URL must be plain http:// (link-local service), got {url:?}"
+            )));
+        }
+        let mut s = Settings {
+            metadata_url: url,
+            platform: cfg.platform.clone(),
+            retry: RetryPolicy::from(&cfg.retry),
+            ..Settings::default()
+        };
+        if let Some(cmd) = &cfg.identity.vsphere_command {
+            s.vsphere_command = cmd.clone();
+        }
+        Ok(s)
+    }
+}
+
+/// What every probe gets: the node root, the settings and one HTTP client for metadata.
+#[derive(Clone, Debug)]
+pub struct Ctx {
+    pub paths: Paths,
+    pub settings: Settings,
+    http: reqwest::Client,
+}
+
+impl Ctx {
+    pub fn new(paths: Paths, settings: Settings) -> Result<Ctx> {
+        let http = reqwest::Client::builder()
+            // Metadata is link-local: a proxy from the environment must never see it.
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(settings.probe_timeout)
+            .timeout(settings.probe_timeout)
+            .http1_only()
+            .user_agent(concat!("powernode-identityd/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Error::Config(format!("metadata HTTP client: {e}")))?;
+        Ok(Ctx {
+            paths,
+            settings,
+            http,
+        })
+    }
+
+    /// Paths plus the settings read from the node's configuration.
+    pub fn from_paths(paths: &Paths) -> Result<Ctx> {
+        let cfg = Config::load(paths)?;
+        Ctx::new(paths.clone(), Settings::from_config(&cfg)?)
+    }
+
+    fn metadata(&self, path: &str) -> String {
+        format!("{}{path}", self.settings.metadata_url)
+    }
+}
+
+/// A boxed probe future (strategies are trait objects; native async fns in traits are not).
+pub type ProbeFuture<'a> = Pin<Box<dyn Future<Output = Result<Probe>> + Send + 'a>>;
+
+/// One identity source. Every method has a default, so a source implements only what it offers
+/// (the afterburn provider model): local sources implement [`Strategy::probe_local`], network
+/// sources override [`Strategy::probe`] and [`Strategy::needs_network`].
 pub trait Strategy: Send + Sync {
     fn source(&self) -> Source;
 
-    /// Look for an identity. The default says the source does not exist on this node.
-    fn probe(&self, _paths: &Paths) -> Result<Probe> {
+    /// Sends packets (cloud metadata, the claim server): skipped by offline resolution.
+    fn needs_network(&self) -> bool {
+        false
+    }
+
+    /// The cloud metadata probes share one overall deadline; claim polling is exempt (it waits
+    /// for a human).
+    fn bounded_by_deadline(&self) -> bool {
+        self.needs_network()
+    }
+
+    /// Look for an identity without blocking on the network. The default: nothing here.
+    fn probe_local(&self, _ctx: &Ctx) -> Result<Probe> {
         Ok(Probe::Absent(format!(
             "{}: not available",
             self.source().as_str()
         )))
     }
+
+    /// Look for an identity. The default runs [`Strategy::probe_local`].
+    fn probe<'a>(&'a self, ctx: &'a Ctx) -> ProbeFuture<'a> {
+        Box::pin(async move { self.probe_local(ctx) })
+    }
 }
 
-/// The strategies of this build, in the contract's order.
+/// The factory: the strategy for one source.
+pub fn strategy_for(source: Source) -> Option<Box<dyn Strategy>> {
+    Some(match source {
+        Source::KernelCmdline => Box::new(cmdline::KernelCmdline),
+        Source::FwCfg => Box::new(fwcfg::FwCfg),
+        Source::Claim => Box::new(claim::ClaimPoll),
+        Source::Aws => Box::new(cloud::Aws),
+        Source::Gcp => Box::new(cloud::Gcp),
+        Source::Azure => Box::new(cloud::Azure),
+        Source::Digitalocean => Box::new(cloud::DigitalOcean),
+        Source::Hetzner => Box::new(cloud::Hetzner),
+        Source::Kubevirt => Box::new(configdrive::ConfigDrive),
+        Source::Vsphere => Box::new(vsphere::Vsphere),
+        Source::Dmi => Box::new(dmi::Dmi),
+        Source::IdentityCfg => Box::new(idcfg::LocalIdentityCfg),
+        Source::Pki => return None,
+    })
+}
+
+/// The cascade order.
+pub const ORDER: [Source; 12] = [
+    Source::KernelCmdline,
+    Source::FwCfg,
+    Source::Claim,
+    Source::Aws,
+    Source::Gcp,
+    Source::Azure,
+    Source::Digitalocean,
+    Source::Hetzner,
+    Source::Kubevirt,
+    Source::Vsphere,
+    Source::Dmi,
+    Source::IdentityCfg,
+];
+
+/// Every strategy, in the cascade order.
 pub fn default_strategies() -> Vec<Box<dyn Strategy>> {
-    vec![
-        Box::new(cmdline::KernelCmdline),
-        Box::new(fwcfg::FwCfg),
-        Box::new(idcfg::LocalIdentityCfg),
-    ]
+    ORDER.iter().filter_map(|s| strategy_for(*s)).collect()
 }
 
 /// The outcome of a cascade run, with the trail an SRE needs when nothing matched.
@@ -215,20 +439,139 @@ pub struct Resolution {
     pub trail: Vec<String>,
 }
 
-/// Run `strategies` in order; the first found identity wins.
-pub fn resolve_with(paths: &Paths, strategies: &[Box<dyn Strategy>]) -> Resolution {
+impl Resolution {
+    pub fn into_result(self) -> Result<Identity> {
+        let trail = self.trail;
+        self.identity.ok_or_else(|| {
+            Error::Identity(format!("no identity source matched: {}", trail.join("; ")))
+        })
+    }
+}
+
+/// Fold one strategy's outcome into the trail; `Some` when it decided the cascade.
+fn settle(trail: &mut Vec<String>, source: Source, r: Result<Probe>) -> Option<Identity> {
+    match r {
+        Ok(Probe::Found(id)) => {
+            trail.push(format!("{}: found ({})", source.as_str(), id.evidence));
+            Some(id)
+        }
+        Ok(Probe::Absent(why)) => {
+            trail.push(why);
+            None
+        }
+        Err(e) => {
+            trail.push(format!("{}: error: {e}", source.as_str()));
+            None
+        }
+    }
+}
+
+/// Run `strategies` in order; the first found identity wins. See the module docs for how the
+/// network strategies overlap.
+pub async fn resolve_with(ctx: &Ctx, strategies: &[Box<dyn Strategy>]) -> Resolution {
     let mut trail = Vec::new();
-    for s in strategies {
-        match s.probe(paths) {
-            Ok(Probe::Found(id)) => {
-                trail.push(format!("{}: found ({})", s.source().as_str(), id.evidence));
+    // The leading local strategies decide alone when they match: nothing is sent on the network.
+    let lead = strategies.iter().take_while(|s| !s.needs_network()).count();
+    for s in &strategies[..lead] {
+        if let Some(id) = settle(&mut trail, s.source(), s.probe(ctx).await) {
+            return Resolution {
+                identity: Some(id),
+                trail,
+            };
+        }
+    }
+    let rest = &strategies[lead..];
+    let mut results: Vec<Option<Result<Probe>>> = rest.iter().map(|_| None).collect();
+    let mut running = FuturesUnordered::new();
+    for (i, s) in rest.iter().enumerate() {
+        if ctx.settings.offline && s.needs_network() {
+            results[i] = Some(Ok(Probe::Absent(format!(
+                "{}: not probed (offline resolution)",
+                s.source().as_str()
+            ))));
+            continue;
+        }
+        let deadline = s.bounded_by_deadline().then_some(ctx.settings.deadline);
+        let source = s.source();
+        let fut = s.probe(ctx);
+        running.push(async move {
+            let r = match deadline {
+                None => fut.await,
+                Some(d) => match tokio::time::timeout(d, fut).await {
+                    Ok(r) => r,
+                    Err(_) => Err(Error::Identity(format!(
+                        "{}: no answer within the {} ms deadline",
+                        source.as_str(),
+                        d.as_millis()
+                    ))),
+                },
+            };
+            (i, r)
+        });
+    }
+    let mut next = 0;
+    loop {
+        while next < rest.len() {
+            let Some(r) = results[next].take() else {
+                break;
+            };
+            if let Some(id) = settle(&mut trail, rest[next].source(), r) {
                 return Resolution {
                     identity: Some(id),
                     trail,
                 };
             }
-            Ok(Probe::Absent(why)) => trail.push(why),
-            Err(e) => trail.push(format!("{}: error: {e}", s.source().as_str())),
+            next += 1;
+        }
+        if next == rest.len() {
+            return Resolution {
+                identity: None,
+                trail,
+            };
+        }
+        match running.next().await {
+            Some((i, r)) => results[i] = Some(r),
+            // Unreachable: every undecided slot has a running future.
+            None => {
+                trail.push("cascade: internal error: a strategy never ran".into());
+                return Resolution {
+                    identity: None,
+                    trail,
+                };
+            }
+        }
+    }
+}
+
+/// The whole cascade with the default strategies; no caching.
+pub async fn discover(ctx: &Ctx) -> Resolution {
+    resolve_with(ctx, &default_strategies()).await
+}
+
+/// The local strategies only, synchronously (no network, no runtime needed): what
+/// `powernode-agent introspect` shows when identityd has not cached anything. Never cached.
+pub fn resolve(paths: &Paths) -> Result<Identity> {
+    let mut ctx = Ctx::from_paths(paths)?;
+    ctx.settings.offline = true;
+    resolve_offline(&ctx).into_result()
+}
+
+/// [`resolve`] with explicit settings.
+pub fn resolve_offline(ctx: &Ctx) -> Resolution {
+    let mut trail = Vec::new();
+    for s in default_strategies() {
+        if s.needs_network() {
+            trail.push(format!(
+                "{}: not probed (offline resolution)",
+                s.source().as_str()
+            ));
+            continue;
+        }
+        if let Some(id) = settle(&mut trail, s.source(), s.probe_local(ctx)) {
+            return Resolution {
+                identity: Some(id),
+                trail,
+            };
         }
     }
     Resolution {
@@ -237,15 +580,56 @@ pub fn resolve_with(paths: &Paths, strategies: &[Box<dyn Strategy>]) -> Resoluti
     }
 }
 
-/// Resolve with the default strategies; an error carrying the whole trail if nothing matched.
-pub fn resolve(paths: &Paths) -> Result<Identity> {
-    let r = resolve_with(paths, &default_strategies());
-    r.identity.ok_or_else(|| {
-        Error::Identity(format!(
-            "no identity source matched: {}",
-            r.trail.join("; ")
-        ))
-    })
+/// The identity the daemon serves, and how it was obtained:
+/// 1. the cache (`/run/powernode/identity.json`) if present;
+/// 2. if the node is enrolled (`pki/meta.json`): the local sources only — if one names the
+///    enrolled instance its source is kept, otherwise the identity is rebuilt from the PKI
+///    (source `pki`). Network discovery (claim, clouds) is never re-run, and an enrolled node
+///    never silently becomes another instance;
+/// 3. the full cascade.
+///
+/// Anything but the cached case is written to the cache.
+pub async fn obtain(ctx: &Ctx) -> Result<Identity> {
+    if let Some(id) = load_cached(&ctx.paths)? {
+        return Ok(id);
+    }
+    let store = PkiStore::new(ctx.paths.pki_dir());
+    let id = match store.load()? {
+        Some(creds) => {
+            let mut offline = ctx.clone();
+            offline.settings.offline = true;
+            let local = resolve_offline(&offline);
+            match local.identity {
+                Some(id) if id.instance_uuid == creds.meta.instance_id => id,
+                other => {
+                    if let Some(o) = other {
+                        tracing::warn!(
+                            enrolled = %creds.meta.instance_id,
+                            local = %o.instance_uuid,
+                            source = o.source.as_str(),
+                            "a local source names another instance than the enrolled one; keeping the enrolled identity"
+                        );
+                    }
+                    Identity {
+                        instance_uuid: creds.meta.instance_id.clone(),
+                        platform_url: creds.meta.platform_url.clone(),
+                        ca_pem: Some(creds.ca_bundle_pem.clone()),
+                        bootstrap_token: None,
+                        instance_name: None,
+                        source: Source::Pki,
+                        evidence: format!(
+                            "instance_id in {} (enrolled; network discovery not re-run)",
+                            store.dir().join("meta.json").display()
+                        ),
+                        discovered_at: OffsetDateTime::now_utc(),
+                    }
+                }
+            }
+        }
+        None => discover(ctx).await.into_result()?,
+    };
+    store_cached(&ctx.paths, &id)?;
+    Ok(id)
 }
 
 /// The cached identity (`/run/powernode/identity.json`), if any.

@@ -36,8 +36,8 @@ pub enum Command {
     Service(ServiceArgs),
     /// Enroll with a bootstrap token and write the PKI directory.
     Enroll(EnrollArgs),
-    /// Verify a module image (cosign + fs-verity).
-    Verify { path: PathBuf },
+    /// Verify an artifact against a Sigstore bundle, offline (exit 2 on any failure).
+    Verify(crate::verify_cmd::VerifyArgs),
     /// Show identity (secrets redacted), PKI and configuration of this node.
     Introspect,
     /// Attach a module.
@@ -138,7 +138,7 @@ fn dispatch(command: Command, paths: &Paths) -> CmdResult {
             ),
         )),
         Command::Boot => not_yet("boot", 7),
-        Command::Verify { .. } => not_yet("verify", 5),
+        Command::Verify(a) => Ok(crate::verify_cmd::run(a, paths)),
         Command::Attach { .. } => not_yet("attach", 5),
         Command::Detach { .. } => not_yet("detach", 5),
         Command::Update => not_yet("update", 5),

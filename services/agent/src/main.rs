@@ -5,6 +5,7 @@ mod cli;
 mod multicall;
 mod output;
 mod service;
+mod verify_cmd;
 
 use std::process::ExitCode;
 

@@ -1,22 +1,32 @@
 //! powernode-identityd: answers "who is this node?" on `com.powernode.Identity1`.
 //!
-//! D-Bus activated; resolves at start (the local strategies are cheap) and on `Resolve()`, keeps
-//! the result in `/run/powernode/identity.json` (0600, it holds the bootstrap token) and exposes
-//! only public facts as properties. Exits after `daemon.idle_exit_secs` without calls.
+//! D-Bus activated. The bus name is owned at once and discovery runs in the background (the
+//! cloud probes take up to the 2 s cascade deadline, claim polling waits for a human), so
+//! properties answer immediately and `Resolve()` waits for the running discovery rather than
+//! starting a second one. The result lives in `/run/powernode/identity.json` (0600, it holds the
+//! bootstrap token); only public facts are properties. Once enrolled, a restart never re-runs
+//! network discovery (see `powernode::identity::obtain`). Exits after `daemon.idle_exit_secs`
+//! without calls, never while a discovery is running.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use powernode::bus::{BusError, IDENTITY_NAME, IDENTITY_PATH};
 use powernode::config::Config;
-use powernode::identity::{self, Identity};
+use powernode::identity::{self, Ctx, Identity, Settings};
 use powernode::paths::Paths;
 use powernode::sandbox::Profile;
 use powernode::systemd::{self, IdleTracker};
-use zbus::object_server::SignalEmitter;
+use tokio::sync::watch;
+
+/// `Resolve()` waits this long for a running discovery (below the D-Bus default call timeout
+/// of 25 s); a claim still pending after that is reported, and the caller asks again.
+const RESOLVE_WAIT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -30,64 +40,160 @@ pub struct Args {
     pub root: Option<PathBuf>,
 }
 
-struct IdentityService {
-    paths: Paths,
+#[derive(Default)]
+struct State {
     current: Option<Identity>,
     last_error: String,
+    claim_code: String,
+    running: bool,
+}
+
+/// Shared between the D-Bus object and the discovery task.
+#[derive(Clone)]
+struct Shared {
+    ctx: Ctx,
+    state: Arc<Mutex<State>>,
+    /// Bumped when a discovery finishes.
+    done: watch::Sender<u64>,
+    conn: Arc<Mutex<Option<zbus::Connection>>>,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave State inconsistent (plain assignments).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Start a discovery unless one is running or an identity is known.
+    fn kick(&self) {
+        {
+            let mut st = self.state();
+            if st.running || st.current.is_some() {
+                return;
+            }
+            st.running = true;
+        }
+        let me = self.clone();
+        tokio::spawn(async move { me.discover().await });
+    }
+
+    async fn discover(self) {
+        let result = identity::obtain(&self.ctx).await;
+        {
+            let mut st = self.state();
+            st.running = false;
+            match &result {
+                Ok(id) => {
+                    tracing::info!(instance = %id.instance_uuid, source = id.source.as_str(), evidence = %id.evidence, "identity resolved");
+                    st.current = Some(id.clone());
+                    st.last_error.clear();
+                    st.claim_code.clear();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "identity resolution failed");
+                    st.last_error = e.to_string();
+                }
+            }
+        }
+        self.done.send_modify(|n| *n += 1);
+        self.announce().await;
+    }
+
+    /// PropertiesChanged for everything (cheap; happens once per discovery).
+    async fn announce(&self) {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(conn) = conn else { return };
+        let iface = match conn
+            .object_server()
+            .interface::<_, IdentityService>(IDENTITY_PATH)
+            .await
+        {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot find the served interface to signal changes");
+                return;
+            }
+        };
+        let em = iface.signal_emitter();
+        let svc = iface.get().await;
+        let results = [
+            svc.instance_id_changed(em).await,
+            svc.source_changed(em).await,
+            svc.platform_url_changed(em).await,
+            svc.evidence_changed(em).await,
+            svc.discovered_at_changed(em).await,
+            svc.last_error_changed(em).await,
+            svc.claim_code_changed(em).await,
+        ];
+        for r in results {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "emitting PropertiesChanged");
+            }
+        }
+    }
+}
+
+struct IdentityService {
+    shared: Shared,
     idle: IdleTracker,
 }
 
 impl IdentityService {
-    /// Use the cache if present, else run the cascade and cache the winner.
-    fn refresh(&mut self) -> powernode::Result<Identity> {
-        if let Some(id) = identity::load_cached(&self.paths)? {
-            self.current = Some(id.clone());
-            return Ok(id);
-        }
-        let id = identity::resolve(&self.paths)?;
-        identity::store_cached(&self.paths, &id)?;
-        tracing::info!(instance = %id.instance_uuid, source = id.source.as_str(), evidence = %id.evidence, "identity resolved");
-        self.current = Some(id.clone());
-        Ok(id)
-    }
-
     fn field(&self, f: impl Fn(&Identity) -> String) -> String {
-        self.current.as_ref().map(f).unwrap_or_default()
+        self.idle.touch();
+        self.shared
+            .state()
+            .current
+            .as_ref()
+            .map(f)
+            .unwrap_or_default()
     }
 }
 
 #[zbus::interface(name = "com.powernode.Identity1")]
 impl IdentityService {
-    /// Resolve (or return the cached) identity; returns the instance id.
-    async fn resolve(
-        &mut self,
-        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
-    ) -> Result<String, BusError> {
+    /// The identity's instance id: the cached one, or the result of the running (or a new)
+    /// discovery.
+    async fn resolve(&self) -> Result<String, BusError> {
         self.idle.touch();
-        let before = self.current.clone();
-        let result = self.refresh();
-        self.last_error = result
-            .as_ref()
-            .err()
-            .map(ToString::to_string)
-            .unwrap_or_default();
-        if before != self.current {
-            self.instance_id_changed(&emitter).await?;
-            self.source_changed(&emitter).await?;
-            self.platform_url_changed(&emitter).await?;
-            self.evidence_changed(&emitter).await?;
-            self.discovered_at_changed(&emitter).await?;
+        let mut done = self.shared.done.subscribe();
+        self.shared.kick();
+        let wait = async {
+            loop {
+                {
+                    let st = self.shared.state();
+                    if let Some(id) = &st.current {
+                        return Ok(id.instance_uuid.clone());
+                    }
+                    if !st.running {
+                        return Err(st.last_error.clone());
+                    }
+                }
+                if done.changed().await.is_err() {
+                    return Err("identity discovery stopped".to_string());
+                }
+            }
+        };
+        let r = tokio::time::timeout(RESOLVE_WAIT, wait).await;
+        self.idle.touch();
+        match r {
+            Ok(Ok(id)) => Ok(id),
+            Ok(Err(msg)) => Err(BusError::from(powernode::Error::Identity(msg))),
+            Err(_) => {
+                let code = self.shared.state().claim_code.clone();
+                Err(BusError::from(powernode::Error::Identity(
+                    if code.is_empty() {
+                        "identity discovery still running; call Resolve() again".into()
+                    } else {
+                        format!("waiting to be claimed (claim code {code}); call Resolve() again")
+                    },
+                )))
+            }
         }
-        let id = result.map_err(|e| {
-            tracing::warn!(error = %e, "identity resolution failed");
-            BusError::from(e)
-        })?;
-        Ok(id.instance_uuid)
     }
 
     #[zbus(property)]
     async fn instance_id(&self) -> String {
-        self.idle.touch();
         self.field(|i| i.instance_uuid.clone())
     }
 
@@ -114,36 +220,74 @@ impl IdentityService {
     /// Why the last resolution failed; empty after a success.
     #[zbus(property)]
     async fn last_error(&self) -> String {
-        self.last_error.clone()
+        self.idle.touch();
+        self.shared.state().last_error.clone()
+    }
+
+    /// The code an operator types to claim this node while claim polling waits; else empty.
+    #[zbus(property)]
+    async fn claim_code(&self) -> String {
+        self.idle.touch();
+        self.shared.state().claim_code.clone()
     }
 }
 
 /// Serve `com.powernode.Identity1` until idle or SIGTERM.
 pub async fn run(paths: Paths, cfg: Config) -> anyhow::Result<()> {
     let idle = IdleTracker::new(cfg.daemon.idle_exit_secs);
-    let mut svc = IdentityService {
-        paths,
-        current: None,
-        last_error: String::new(),
+    let state = Arc::new(Mutex::new(State::default()));
+    let mut settings = Settings::from_config(&cfg)?;
+    let claim_state = state.clone();
+    settings.on_claim_code = Some(Arc::new(move |code: &str| {
+        claim_state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .claim_code = code.to_string();
+    }));
+    let ctx = Ctx::new(paths, settings)?;
+    let (done, _) = watch::channel(0u64);
+    let shared = Shared {
+        ctx,
+        state,
+        done,
+        conn: Arc::new(Mutex::new(None)),
+    };
+    // A cached identity is served at once, without waiting for the bus.
+    match identity::load_cached(&shared.ctx.paths) {
+        Ok(Some(id)) => shared.state().current = Some(id),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "ignoring unreadable identity cache"),
+    }
+    let svc = IdentityService {
+        shared: shared.clone(),
         idle: idle.clone(),
     };
-    if let Err(e) = svc.refresh() {
-        tracing::warn!(error = %e, "no identity yet");
-        svc.last_error = e.to_string();
-    }
-    let _conn = zbus::connection::Builder::system()
+    let conn = zbus::connection::Builder::system()
         .name(IDENTITY_NAME)
         .serve_at(IDENTITY_PATH, svc)
         .build()
         .await
         .with_context(|| format!("owning {IDENTITY_NAME} on the system bus"))?;
+    *shared.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
+    shared.kick();
     idle.touch();
     systemd::ready("serving com.powernode.Identity1");
-    tokio::select! {
-        _ = idle.wait_idle() => tracing::info!("idle, exiting"),
-        r = powernode::daemon::shutdown_signal() => { r?; tracing::info!("signal, exiting"); }
+    loop {
+        tokio::select! {
+            _ = idle.wait_idle() => {
+                if shared.state().running {
+                    // A claim or a slow probe is in flight: not idle.
+                    idle.touch();
+                    continue;
+                }
+                tracing::info!("idle, exiting");
+                break;
+            }
+            r = powernode::daemon::shutdown_signal() => { r?; tracing::info!("signal, exiting"); break; }
+        }
     }
     systemd::stopping("exiting");
+    drop(conn);
     Ok(())
 }
 

@@ -12,6 +12,7 @@
 pub mod bus;
 pub mod container;
 pub mod devplatform;
+pub mod metadata;
 pub mod units;
 
 use anyhow::{Context, Result, bail};
