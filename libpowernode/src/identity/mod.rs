@@ -336,6 +336,10 @@ impl Ctx {
             .connect_timeout(settings.probe_timeout)
             .timeout(settings.probe_timeout)
             .http1_only()
+            // Metadata is plain HTTP. A preconfigured TLS config with no roots keeps reqwest from
+            // loading the platform verifier, which fails on nodes without a CA store (minimal
+            // images, the initramfs) and would never be used here anyway.
+            .tls_backend_preconfigured(no_roots_tls()?)
             .user_agent(concat!("powernode-identityd/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| Error::Config(format!("metadata HTTP client: {e}")))?;
@@ -647,6 +651,16 @@ pub fn store_cached(paths: &Paths, id: &Identity) -> Result<()> {
     ensure_dir(&paths.run_dir(), 0o750)?;
     let bytes = serde_json::to_vec_pretty(id).map_err(|e| Error::malformed("identity", e))?;
     atomic_write(&paths.identity_json(), &bytes, 0o600)
+}
+
+/// A TLS configuration that trusts nothing: for clients that only ever speak plain HTTP.
+fn no_roots_tls() -> Result<rustls::ClientConfig> {
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Crypto(e.to_string()))?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth())
 }
 
 #[cfg(test)]

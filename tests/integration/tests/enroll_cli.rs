@@ -317,8 +317,8 @@ fn platform_certificate_not_chaining_to_ca_is_refused_without_spending_the_token
         "error should name the certificate problem: {}",
         e.ctx()
     );
-    // No credentials. (The pending key may stay: it is reused by the retry below.)
-    assert_no_credentials(node.path(), false)?;
+    // The handshake failed, so nothing was sent: no credentials and no pending key either.
+    assert_no_credentials(node.path(), true)?;
     ensure!(
         p.instance(&t.instance_uuid)?.is_none(),
         "the platform saw an enrollment over an untrusted connection"
@@ -347,8 +347,10 @@ fn unreachable_platform_exits_5_with_clear_message() -> Result<()> {
     ensure!(e.code == 5, "unreachable platform must exit 5: {}", e.ctx());
     let msg = e.error();
     ensure!(
-        msg.contains("unreachable") && msg.contains("Connection refused") && msg.contains(&url),
-        "error should say the platform at {url} is unreachable (connection refused): {}",
+        msg.contains("not reached, nothing was sent")
+            && msg.contains("Connection refused")
+            && msg.contains(&url),
+        "error should say the platform at {url} was not reached and the token not sent: {}",
         e.ctx()
     );
     ensure!(
@@ -356,7 +358,8 @@ fn unreachable_platform_exits_5_with_clear_message() -> Result<()> {
         "a refused connection took {:?}",
         started.elapsed()
     );
-    assert_no_credentials(node.path(), false)?;
+    // Nothing was sent, so not even the pending key is kept.
+    assert_no_credentials(node.path(), true)?;
     // The token is still good.
     let ok = enroll(&p.url, &p.ca_path, &t.token, &t.instance_uuid, node.path())?;
     ensure!(

@@ -632,7 +632,7 @@ fn heartbeat_failures_are_visible_and_recover() -> Result<()> {
             })
         })?;
         ensure!(
-            err.contains("unreachable") && err.contains(&listen),
+            (err.contains("unreachable") || err.contains("not reached")) && err.contains(&listen),
             "LastError should say which platform is unreachable: {err:?}"
         );
         let s = node.agent_cli(&["status", "--json"])?;
