@@ -205,6 +205,18 @@ impl Certificate {
             .unwrap_or(false)
     }
 
+    /// False only if a KeyUsage extension is present without digitalSignature.
+    pub fn allows_digital_signature(&self) -> bool {
+        let Some(ext) = self.extension(OID_KEY_USAGE) else {
+            return true;
+        };
+        der::read_all(&ext.value)
+            .ok()
+            .filter(|b| b.tag == 0x03)
+            .and_then(|b| b.value.get(1).map(|bits| bits & 0x80 != 0))
+            .unwrap_or(false)
+    }
+
     /// SAN values (email, URI, DNS, and Fulcio's otherName username).
     pub fn san_values(&self) -> Vec<String> {
         let Some(ext) = self.extension(OID_SAN) else {

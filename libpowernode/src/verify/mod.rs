@@ -195,6 +195,9 @@ pub struct Verified {
     pub bundle_version: String,
 }
 
+/// Tolerance for a log's integrated time being ahead of this machine's clock (seconds).
+const MAX_CLOCK_SKEW: i64 = 300;
+
 /// Verifies `bundle` for `artifact` under `policy` against `root`. Fails closed.
 pub fn verify(
     root: &TrustedRoot,
@@ -310,6 +313,16 @@ pub fn verify(
     if rekor_v1 {
         if entry.signed_entry_timestamp.is_some() {
             tlog::verify_set(entry, log)?;
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            if entry.integrated_time > now + MAX_CLOCK_SKEW {
+                return Err(VerifyError::new(
+                    VerifyErrorKind::Tlog,
+                    format!(
+                        "integrated time {} is in the future",
+                        fmt_time(entry.integrated_time)
+                    ),
+                ));
+            }
             times.push(entry.integrated_time);
         } else if bundle.minor == 1 {
             return Err(VerifyError::new(
@@ -374,10 +387,10 @@ pub fn verify(
                     ));
                 }
             };
-            if !leaf.has_eku(cert::OID_EKU_CODE_SIGNING) {
+            if !leaf.has_eku(cert::OID_EKU_CODE_SIGNING) || !leaf.allows_digital_signature() {
                 return Err(VerifyError::new(
                     VerifyErrorKind::Certificate,
-                    "signing certificate lacks the codeSigning usage",
+                    "signing certificate lacks the codeSigning / digitalSignature usage",
                 ));
             }
             let issuer_cert = ca
