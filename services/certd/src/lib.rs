@@ -284,56 +284,74 @@ impl CertService {
     async fn certificate_rotated(emitter: &SignalEmitter<'_>, serial: &str) -> zbus::Result<()>;
 }
 
+/// The state on disk, without rotating: what the properties show before any call.
+async fn initial_status(paths: &Paths) -> Status {
+    let store = PkiStore::new(paths.pki_dir());
+    let creds = match store.load() {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            return Status {
+                state: "not-enrolled".into(),
+                ..Status::default()
+            };
+        }
+        Err(e) => {
+            return Status {
+                state: "failed".into(),
+                last_error: e.to_string(),
+                ..Status::default()
+            };
+        }
+    };
+    let now = OffsetDateTime::now_utc();
+    let conn = powernode::bus::system_bus().await.ok();
+    let trust = clock::judge(
+        now,
+        ntp_synchronized(conn.as_ref()).await,
+        clock::load(paths).ok().flatten(),
+    );
+    match rotation::decide(now, &trust, &creds) {
+        Ok((info, v)) => Status {
+            serial: info.serial,
+            not_before: rfc3339(info.not_before),
+            not_after: rfc3339(info.not_after),
+            renew_at: match &v {
+                Verdict::NotDue { renew_at } | Verdict::Due { renew_at } => rfc3339(*renew_at),
+                _ => String::new(),
+            },
+            state: v.state().into(),
+            last_error: match v {
+                Verdict::ClockUntrusted(why) => why,
+                _ => String::new(),
+            },
+        },
+        Err(e) => Status {
+            state: "failed".into(),
+            last_error: e.to_string(),
+            ..Status::default()
+        },
+    }
+}
+
 pub async fn serve(paths: Paths, cfg: Config) -> anyhow::Result<()> {
     let idle = IdleTracker::new(cfg.daemon.idle_exit_secs);
-    let conn = zbus::connection::Builder::system()
+    // Computed before the name is owned: a call queued by D-Bus activation may be dispatched
+    // as soon as it is, and must not be overwritten by start-up state afterwards.
+    let status = initial_status(&paths).await;
+    let _conn = zbus::connection::Builder::system()
         .name(CERT_NAME)
         .serve_at(
             CERT_PATH,
             CertService {
                 paths: paths.clone(),
                 cfg: cfg.clone(),
-                status: Status::default(),
+                status,
                 idle: idle.clone(),
             },
         )
         .build()
         .await
         .with_context(|| format!("owning {CERT_NAME} on the system bus"))?;
-    // Publish the current state without rotating.
-    let iface = conn
-        .object_server()
-        .interface::<_, CertService>(CERT_PATH)
-        .await?;
-    {
-        let mut svc = iface.get_mut().await;
-        let now = OffsetDateTime::now_utc();
-        let store = PkiStore::new(paths.pki_dir());
-        if let Ok(Some(c)) = store.load() {
-            let trust = clock::judge(
-                now,
-                ntp_synchronized(Some(&conn)).await,
-                clock::load(&paths).ok().flatten(),
-            );
-            if let Ok((info, v)) = rotation::decide(now, &trust, &c) {
-                svc.status = Status {
-                    serial: info.serial,
-                    not_before: rfc3339(info.not_before),
-                    not_after: rfc3339(info.not_after),
-                    renew_at: match v {
-                        Verdict::NotDue { renew_at } | Verdict::Due { renew_at } => {
-                            rfc3339(renew_at)
-                        }
-                        _ => String::new(),
-                    },
-                    state: v.state().into(),
-                    last_error: String::new(),
-                };
-            }
-        } else {
-            svc.status.state = "not-enrolled".into();
-        }
-    }
     idle.touch();
     systemd::ready("serving com.powernode.Cert1");
     tokio::select! {

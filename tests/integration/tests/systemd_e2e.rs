@@ -231,3 +231,144 @@ fn node_enrolls_and_heartbeats_under_systemd() -> Result<()> {
     c.poweroff()?;
     Ok(())
 }
+
+/// Rotation under real systemd: 60-second certificates, the rotation timer tightened with a
+/// drop-in, certd started by its timer in its own sandbox. The rotation must land inside the
+/// renewal window and the agent — never restarted — must present the new certificate on its
+/// next heartbeat. Then `RotateNow()` over the bus (activating certd as a D-Bus service).
+#[test]
+fn certificates_rotate_on_schedule_under_systemd() -> Result<()> {
+    let platform = DevPlatform::start(&["--next-poll-seconds", "1", "--cert-ttl", "60s"])?;
+    let token = platform.token(None)?;
+    let tree = tempfile::Builder::new().prefix("pn-e2e-rot-").tempdir()?;
+    units::install_tree(tree.path())?;
+    write(
+        tree.path(),
+        "etc/powernode/trust/platform-ca.pem",
+        &platform.ca_pem,
+        0o644,
+    )?;
+    write(
+        tree.path(),
+        "etc/identity.cfg",
+        &format!(
+            "ID={}\nKEY={}\nSERVER={}\nCA_PEM_FILE=/etc/powernode/trust/platform-ca.pem\n",
+            token.instance_uuid, token.token, platform.url
+        ),
+        0o600,
+    )?;
+    write(
+        tree.path(),
+        "etc/systemd/system/powernode-certd-rotate.timer.d/test.conf",
+        "[Timer]\nOnBootSec=2s\nOnUnitActiveSec=3s\nRandomizedDelaySec=0\nAccuracySec=1s\n",
+        0o644,
+    )?;
+    let c = Container::boot(
+        &Image::bookworm()?,
+        &BootOptions {
+            overlay_tree: Some(tree.path().to_path_buf()),
+            enable: vec![
+                "powernode-agent.service".into(),
+                "powernode-certd-rotate.timer".into(),
+            ],
+            ..BootOptions::default()
+        },
+    )?;
+    c.wait_running()?;
+    let rec = platform.wait_heartbeats(&token.instance_uuid, 1, Duration::from_secs(60))?;
+    let s1 = rec["certificates_issued"][0]["serial"]
+        .as_str()
+        .context("serial")?
+        .to_string();
+    let cert = c.exec_ok(&["cat", "/persist/var/lib/powernode/pki/node.crt"])?;
+    let info = powernode::pki::CertInfo::from_pem(&cert)?;
+    ensure!(info.serial == s1, "node.crt is the enrolled certificate");
+
+    // Wait for the timer-driven rotation.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let (s2, rotated_at) = loop {
+        let rec = platform
+            .instance(&token.instance_uuid)?
+            .context("instance")?;
+        if let Some(second) = rec["certificates_issued"].get(1) {
+            let at = time::OffsetDateTime::parse(
+                second["issued_at"].as_str().context("issued_at")?,
+                &time::format_description::well_known::Rfc3339,
+            )?;
+            break (second["serial"].as_str().context("serial")?.to_string(), at);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no rotation; certd journal:\n{}",
+            c.journal("powernode-certd-rotate.service")?
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    // Renew at 75 % ± 5 % of the certificate's validity (the platform backdates notBefore),
+    // plus the timer's 3 s period and a little slack for the container's clock of events.
+    let life = (info.not_after - info.not_before).as_seconds_f64();
+    let frac = (rotated_at - info.not_before).as_seconds_f64() / life;
+    let late = 0.80 + 6.0 / life;
+    println!("rotated at {frac:.3} of the certificate lifetime (window 0.70-{late:.3})");
+    ensure!(
+        (0.70..=late).contains(&frac),
+        "rotation at {frac:.3} of the lifetime"
+    );
+    // The agent was not restarted and its next heartbeat uses the new certificate.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rec = platform
+            .instance(&token.instance_uuid)?
+            .context("instance")?;
+        if rec["last_heartbeat_serial"] == s2.as_str() {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "agent still on {}: {rec}",
+            rec["last_heartbeat_serial"]
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(s2 != s1);
+    let show = c.exec_ok(&[
+        "systemctl",
+        "show",
+        "-p",
+        "NRestarts,ActiveState",
+        "powernode-agent.service",
+    ])?;
+    ensure!(
+        show.contains("NRestarts=0") && show.contains("ActiveState=active"),
+        "{show}"
+    );
+    let j = c.journal("powernode-certd-rotate.service")?;
+    ensure!(j.contains("certificate rotated"), "{j}");
+
+    // RotateNow over the bus activates certd as a D-Bus service under its own unit.
+    let cert = "com.powernode.Cert1";
+    let out = c.exec_ok(&[
+        "busctl",
+        "call",
+        cert,
+        "/com/powernode/Cert1",
+        cert,
+        "RotateNow",
+    ])?;
+    let s3 = out
+        .trim()
+        .trim_start_matches("s ")
+        .trim_matches('"')
+        .to_string();
+    ensure!(s3 != s2 && !s3.is_empty(), "RotateNow returned {out:?}");
+    ensure!(property(&c, cert, cert, "Serial")? == s3);
+    let state = property(&c, cert, cert, "State")?;
+    ensure!(
+        state == "rotated",
+        "Cert1 State {state}; certd journal:\n{}",
+        c.journal("powernode-certd.service")?
+    );
+    ensure!(!property(&c, cert, cert, "RenewAt")?.is_empty());
+    c.poweroff()?;
+    Ok(())
+}
