@@ -21,6 +21,10 @@ pub struct EnrollParams {
     /// CSR subject; the platform forces its own CN, this is a hint.
     pub subject: String,
     pub dmi_uuid: Option<String>,
+    /// The current time when the clock is trusted (`clock::judge`). With it, an *expired*
+    /// certificate on disk is replaced by a new enrollment (recovery); without it, existing
+    /// credentials are never touched.
+    pub trusted_now: Option<time::OffsetDateTime>,
 }
 
 impl std::fmt::Debug for EnrollParams {
@@ -35,6 +39,8 @@ impl std::fmt::Debug for EnrollParams {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Enrolled(Meta),
+    /// The certificate on disk had expired and was replaced by a new enrollment.
+    ReEnrolled(Meta),
     /// PKI already on disk: nothing was sent, the token was not used.
     AlreadyEnrolled(Meta),
 }
@@ -42,14 +48,23 @@ pub enum Outcome {
 impl Outcome {
     pub fn meta(&self) -> &Meta {
         match self {
-            Outcome::Enrolled(m) | Outcome::AlreadyEnrolled(m) => m,
+            Outcome::Enrolled(m) | Outcome::ReEnrolled(m) | Outcome::AlreadyEnrolled(m) => m,
         }
     }
 }
 
 pub async fn enroll(cfg: &PlatformConfig, store: &PkiStore, p: &EnrollParams) -> Result<Outcome> {
+    let mut replacing = false;
     if let Some(creds) = store.load()? {
-        return Ok(Outcome::AlreadyEnrolled(creds.meta));
+        let expired = match p.trusted_now {
+            Some(now) => crate::pki::CertInfo::from_pem(&creds.cert_pem)?.not_after <= now,
+            None => false,
+        };
+        if !expired {
+            return Ok(Outcome::AlreadyEnrolled(creds.meta));
+        }
+        tracing::warn!(instance = %creds.meta.instance_id, "certificate expired: re-enrolling with the bootstrap token");
+        replacing = true;
     }
     if p.bootstrap_token.trim().is_empty() {
         return Err(Error::Identity("no bootstrap token: cannot enroll".into()));
@@ -96,5 +111,9 @@ pub async fn enroll(cfg: &PlatformConfig, store: &PkiStore, p: &EnrollParams) ->
         &p.ca_bundle_pem,
         Some(&p.platform_url),
     )?;
-    Ok(Outcome::Enrolled(meta))
+    Ok(if replacing {
+        Outcome::ReEnrolled(meta)
+    } else {
+        Outcome::Enrolled(meta)
+    })
 }

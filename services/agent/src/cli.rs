@@ -176,10 +176,12 @@ fn enroll(a: EnrollArgs, paths: &Paths) -> anyhow::Result<Report> {
         ca_bundle_pem: ca,
         subject: a.subject,
         dmi_uuid: a.dmi_uuid,
+        trusted_now: trusted_now(paths)?,
     };
     let outcome = runtime()?.block_on(powernode::enroll::enroll(&cfg.platform, &store, &params))?;
     let (state, meta) = match &outcome {
         Outcome::Enrolled(m) => ("enrolled", m),
+        Outcome::ReEnrolled(m) => ("re-enrolled", m),
         Outcome::AlreadyEnrolled(m) => ("already-enrolled", m),
     };
     Ok(Report::ok(
@@ -192,6 +194,13 @@ fn enroll(a: EnrollArgs, paths: &Paths) -> anyhow::Result<Report> {
             "pki_dir": store.dir().display().to_string(),
         })),
     ))
+}
+
+/// Now, if the clock can be trusted by the evidence on disk (the CLI does not ask timedated).
+fn trusted_now(paths: &Paths) -> anyhow::Result<Option<time::OffsetDateTime>> {
+    let now = time::OffsetDateTime::now_utc();
+    let trust = powernode::clock::judge(now, false, powernode::clock::load(paths)?);
+    Ok(trust.is_trusted().then_some(now))
 }
 
 fn introspect(paths: &Paths) -> anyhow::Result<Report> {

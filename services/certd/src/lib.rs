@@ -151,11 +151,47 @@ pub async fn check(
     if !go {
         return (status, Ok(None));
     }
-    let policy = RetryPolicy::from(&cfg.retry);
-    match policy
+    let expired = matches!(verdict, Verdict::Expired { .. });
+    // A lapsed certificate fails the handshake every time: one try, then the recovery path.
+    let policy = if expired {
+        RetryPolicy::once()
+    } else {
+        RetryPolicy::from(&cfg.retry)
+    };
+    let mut recovery_error: Option<String> = None;
+    let mut result = policy
         .run(|_| rotation::rotate(&cfg.platform, &store))
-        .await
+        .await;
+    if expired
+        && let Err(e) = &result
+        && let Some(conn) = conn
     {
+        // The platform refuses a lapsed certificate; recovery is a new enrollment, which
+        // enrolld performs when the identity carries a (new) bootstrap token.
+        tracing::warn!(error = %e, "refresh with the expired certificate failed; asking enrolld to re-enroll");
+        let recovered = match powernode::bus::Enroll1Proxy::new(conn).await {
+            Ok(p) => {
+                p.enroll()
+                    .await
+                    .map_err(powernode::bus::error_from_bus)
+                    .and_then(|_| {
+                        store.load()?.map(|c| c.meta).ok_or_else(|| {
+                            Error::NotFound("no credentials after re-enrollment".into())
+                        })
+                    })
+            }
+            Err(e) => Err(Error::from(e)),
+        };
+        match recovered {
+            Ok(meta) => {
+                tracing::info!(event = "system.cert.reenrolled", "re-enrolled after expiry");
+                result = Ok(meta);
+            }
+            // Keep the refresh error (its kind decides the exit code); say why recovery failed.
+            Err(e) => recovery_error = Some(format!("; re-enrollment not possible: {e}")),
+        }
+    }
+    match result {
         Ok(meta) => {
             let new = store.load().ok().flatten();
             let info = new
@@ -171,14 +207,14 @@ pub async fn check(
                     .and_then(rotation::jwt_window);
                 status.renew_at = rfc3339(rotation::renew_at(info, jwt));
             }
-            status.state = "rotated".into();
+            status.state = if expired { "re-enrolled" } else { "rotated" }.into();
             tracing::info!(event = "system.cert.rotated", serial = %status.serial, not_after = %meta.not_after, "certificate rotated");
             (status.clone(), Ok(Some(status.serial)))
         }
         Err(e) => {
             tracing::error!(event = "system.cert.rotation_failed", severity = "critical", kind = %e.kind(), error = %e, "rotation failed; old credentials kept");
             status.state = "failed".into();
-            status.last_error = e.to_string();
+            status.last_error = format!("{e}{}", recovery_error.unwrap_or_default());
             (status, Err(e))
         }
     }

@@ -105,9 +105,26 @@ impl EnrollService {
             ca_bundle_pem: ca,
             subject: id.instance_uuid.clone(),
             dmi_uuid: read_dmi_uuid(&self.paths),
+            trusted_now: trusted_now(&self.paths, conn).await,
         };
         enroll::enroll(&self.cfg.platform, &self.store(), &params).await
     }
+}
+
+/// Now, if the clock is trusted (NTP per timedated, or not before the last platform time).
+async fn trusted_now(paths: &Paths, conn: &zbus::Connection) -> Option<time::OffsetDateTime> {
+    let ntp = match powernode::bus::Timedate1Proxy::new(conn).await {
+        Ok(p) => p.ntp_synchronized().await.unwrap_or(false),
+        Err(_) => false,
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let evidence = powernode::clock::load(paths).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "clock evidence unreadable");
+        None
+    });
+    powernode::clock::judge(now, ntp, evidence)
+        .is_trusted()
+        .then_some(now)
 }
 
 /// SMBIOS product UUID, sent as the `dmi_uuid` hint when readable.
@@ -132,6 +149,10 @@ impl EnrollService {
         match &result {
             Ok(Outcome::Enrolled(m)) => {
                 tracing::info!(instance = %m.instance_id, not_after = %m.not_after, "enrolled");
+                self.last_error.clear();
+            }
+            Ok(Outcome::ReEnrolled(m)) => {
+                tracing::warn!(instance = %m.instance_id, not_after = %m.not_after, "re-enrolled after certificate expiry");
                 self.last_error.clear();
             }
             Ok(Outcome::AlreadyEnrolled(m)) => {

@@ -127,6 +127,24 @@ impl DevPlatform {
         })
     }
 
+    /// Mint a bootstrap token bound to an existing (or chosen) instance id.
+    pub fn token_for(&self, instance_uuid: &str) -> Result<Token> {
+        let v: Value = serde_json::from_str(&self.cli(&[
+            "token",
+            "create",
+            "--json",
+            "--instance-uuid",
+            instance_uuid,
+        ])?)?;
+        Ok(Token {
+            token: v["token"].as_str().context("token")?.to_string(),
+            instance_uuid: v["instance_uuid"]
+                .as_str()
+                .context("instance_uuid")?
+                .to_string(),
+        })
+    }
+
     pub fn instances(&self) -> Result<Vec<Value>> {
         Ok(serde_json::from_str(&self.cli(&["instances", "--json"])?)?)
     }

@@ -315,3 +315,56 @@ fn expired_certificate_is_reported_and_kept() -> Result<()> {
     ensure!(c.key_pem.contains("PRIVATE KEY"));
     Ok(())
 }
+
+#[test]
+fn expired_certificate_is_recovered_by_re_enrollment() -> Result<()> {
+    let mut node = Node::start("3s")?;
+    if let Some(mut a) = node.agent.take() {
+        a.kill().ok();
+        a.wait().ok();
+    }
+    let before = node.serial()?;
+    // The operator supplies a new bootstrap token for the same instance through the identity.
+    let fresh = node.platform.token_for(&node.instance)?;
+    let identity = serde_json::json!({
+        "instance_uuid": node.instance,
+        "platform_url": node.platform.url,
+        "ca_pem": node.platform.ca_pem,
+        "bootstrap_token": fresh.token,
+        "instance_name": null,
+        "source": "identity-cfg",
+        "evidence": "test",
+        "discovered_at": "2026-01-01T00:00:00Z",
+    });
+    let run_dir = node.root.path().join("run/powernode");
+    fs::create_dir_all(&run_dir)?;
+    fs::write(run_dir.join("identity.json"), identity.to_string())?;
+    fs::set_permissions(
+        run_dir.join("identity.json"),
+        fs::Permissions::from_mode(0o600),
+    )?;
+    let log = fs::File::create(node.root.path().join("enrolld.log"))?;
+    let mut enrolld = Command::new(bin("powernode-enrolld")?)
+        .arg("--root")
+        .arg(node.root.path())
+        .env("DBUS_SYSTEM_BUS_ADDRESS", node.bus.address())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(4));
+    let (out, v) = node.certd_json(&[])?;
+    enrolld.kill().ok();
+    enrolld.wait().ok();
+    ensure!(
+        out.status.success() && v["state"] == "re-enrolled",
+        "{v} {}\nenrolld:\n{}",
+        describe(&out),
+        fs::read_to_string(node.root.path().join("enrolld.log")).unwrap_or_default()
+    );
+    let after = node.serial()?;
+    ensure!(after != before, "a new certificate is current");
+    node.assert_consistent()?;
+    node.start_agent()?;
+    node.wait_heartbeat_with(&after, Duration::from_secs(10))?;
+    Ok(())
+}
