@@ -84,9 +84,20 @@ fn resolve(root: &Path) -> powernode::Result<identity::Identity> {
     identity::resolve(&Paths::new(root))
 }
 
+/// Fixture tree, source, instance UUID, token, platform URL.
+type Case = (
+    &'static str,
+    Source,
+    &'static str,
+    Option<&'static str>,
+    Option<&'static str>,
+);
+/// The source expected to win, and how to remove it from the node.
+type Peel<'a> = (Source, &'a dyn Fn(&Path));
+
 #[test]
 fn each_local_source_alone() {
-    let cases: &[(&str, Source, &str, Option<&str>, Option<&str>)] = &[
+    let cases: &[Case] = &[
         (
             "cmdline",
             Source::KernelCmdline,
@@ -171,7 +182,7 @@ fn precedence_over_every_local_source() {
     let r = root.path();
     use_tool(r, &tool);
     // Peel sources off from the top: each time the next one in the cascade order wins.
-    let order: &[(Source, &dyn Fn(&Path))] = &[
+    let order: &[Peel<'_>] = &[
         (Source::KernelCmdline, &|r| {
             fs::remove_file(r.join("proc/cmdline")).unwrap()
         }),
