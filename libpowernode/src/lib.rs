@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod enroll;
 pub mod error;
+pub mod events;
 pub mod fault;
 pub mod fsutil;
 pub mod heartbeat;

@@ -87,9 +87,11 @@ pub fn parse_user_data(bytes: &[u8]) -> Result<Option<(Fields, UserDataFormat)>>
 mod tests {
     use super::*;
 
+    type Case<'a> = (&'a [u8], Option<(&'a str, UserDataFormat)>);
+
     #[test]
     fn the_three_formats_and_the_rest() {
-        let cases: &[(&[u8], Option<(&str, UserDataFormat)>)] = &[
+        let cases: &[Case<'_>] = &[
             (
                 br#"{"instance_uuid":"j-1","bootstrap_token":"t","platform_url":"https://p"}"#,
                 Some(("j-1", UserDataFormat::Json)),

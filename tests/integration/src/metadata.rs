@@ -93,12 +93,12 @@ impl FakeMetadata {
         });
         let router = Router::new().fallback(handle).with_state(inner);
         FakeMetadata::serve(log, move |listener, stop| async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async {
-                    let _ = stop.await;
-                })
-                .await
-                .context("fake metadata server")
+            // Stop hard: a connection stuck mid-body (the 100 MB case) must not hold the drop;
+            // leaving block_on drops the runtime, which cancels every connection task.
+            tokio::select! {
+                r = axum::serve(listener, router) => r.context("fake metadata server"),
+                _ = stop => Ok(()),
+            }
         })
     }
 
