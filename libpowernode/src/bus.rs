@@ -140,6 +140,8 @@ pub trait Agent1 {
     fn next_poll_seconds(&self) -> zbus::Result<u64>;
     #[zbus(property)]
     fn last_error(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn certificate_state(&self) -> zbus::Result<String>;
 }
 
 #[proxy(

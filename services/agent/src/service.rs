@@ -33,6 +33,7 @@ struct State {
     heartbeat_count: u64,
     next_poll_seconds: u64,
     last_error: String,
+    certificate_state: String,
 }
 
 struct AgentIface {
@@ -79,6 +80,12 @@ impl AgentIface {
     async fn last_error(&self) -> String {
         self.state.lock().await.last_error.clone()
     }
+
+    /// `valid`, `due`, `overdue` (certd has not rotated in time), `expired` or `clock-untrusted`.
+    #[zbus(property)]
+    async fn certificate_state(&self) -> String {
+        self.state.lock().await.certificate_state.clone()
+    }
 }
 
 struct Agent {
@@ -123,6 +130,9 @@ impl Agent {
         }
         if b.last_error != a.last_error {
             i.last_error_changed(e).await?;
+        }
+        if b.certificate_state != a.certificate_state {
+            i.certificate_state_changed(e).await?;
         }
         Ok(())
     }
@@ -172,6 +182,48 @@ impl Agent {
         Ok(r)
     }
 
+    /// Watch certd's work from the outside: a rotation overdue by a tenth of the lifetime, or an
+    /// expired certificate, is reported as a critical event on every heartbeat until fixed.
+    async fn watch_certificate(&self) {
+        let verdict = (|| -> powernode::Result<Option<String>> {
+            let Some(creds) = PkiStore::new(self.paths.pki_dir()).load()? else {
+                return Ok(None);
+            };
+            let now = time::OffsetDateTime::now_utc();
+            let trust = powernode::clock::judge(now, false, powernode::clock::load(&self.paths)?);
+            let (info, v) = powernode::rotation::decide(now, &trust, &creds)?;
+            let grace = (info.not_after - info.not_before) / 10;
+            Ok(Some(match v {
+                powernode::rotation::Verdict::Due { renew_at } if now > renew_at + grace => {
+                    tracing::error!(
+                        event = "system.cert.rotation_failed",
+                        severity = "critical",
+                        serial = %info.serial,
+                        renew_at = %powernode::pki::rfc3339(renew_at),
+                        "certificate rotation overdue; is powernode-certd-rotate.timer running?"
+                    );
+                    "overdue".to_string()
+                }
+                powernode::rotation::Verdict::Expired { not_after } => {
+                    tracing::error!(
+                        event = "system.cert.rotation_failed",
+                        severity = "critical",
+                        serial = %info.serial,
+                        not_after = %powernode::pki::rfc3339(not_after),
+                        "certificate expired"
+                    );
+                    "expired".to_string()
+                }
+                other => other.state().to_string(),
+            }))
+        })();
+        match verdict {
+            Ok(Some(state)) => self.update(|s| s.certificate_state = state).await,
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot assess the certificate"),
+        }
+    }
+
     async fn run(&self) -> powernode::Result<()> {
         let creds = self.credentials().await?;
         // Follows rotations by certd: each request uses the current credentials.
@@ -216,6 +268,7 @@ impl Agent {
                     .await;
                 }
             }
+            self.watch_certificate().await;
             let wait = heartbeat::next_delay(next_poll, &self.cfg.heartbeat);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}

@@ -45,13 +45,26 @@ impl DevPlatform {
 
     /// Serve from `state` (kept by the caller, e.g. to restart on it).
     pub fn start_at(state: &Path, extra: &[&str]) -> Result<DevPlatform> {
+        DevPlatform::start_listen(state, "127.0.0.1:0", extra)
+    }
+
+    /// Restart on the same state and address: same CA, same URL (a platform coming back).
+    pub fn restart(&mut self, extra: &[&str]) -> Result<()> {
+        self.stop()?;
+        let listen = self.url.trim_start_matches("https://").to_string();
+        let mut fresh = DevPlatform::start_listen(&self.state, &listen, extra)?;
+        self.child = fresh.child.take();
+        Ok(())
+    }
+
+    fn start_listen(state: &Path, listen: &str, extra: &[&str]) -> Result<DevPlatform> {
         let log = std::fs::File::create(state.with_extension("log"))
             .with_context(|| format!("creating log beside {}", state.display()))?;
         let mut child = Command::new(bin("powernode-devplatform")?)
             .arg("serve")
             .arg("--state")
             .arg(state)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -52,7 +52,7 @@ impl Node {
         // Short retry deadline so "platform down" fails within the test's patience.
         fs::write(
             r.join("etc/powernode/agent.toml"),
-            "[daemon]\nidle_exit_secs = 0\n[retry]\ninitial_delay_ms = 100\nmax_delay_ms = 500\ndeadline_secs = 2\n",
+            "[daemon]\nidle_exit_secs = 0\n[heartbeat]\ninterval_secs = 1\n[retry]\ninitial_delay_ms = 100\nmax_delay_ms = 500\ndeadline_secs = 2\n",
         )?;
         let out = run(Command::new(bin("powernode-agent")?)
             .arg("enroll")
@@ -253,7 +253,7 @@ fn killed_at_any_step_the_node_keeps_a_working_key_and_certificate() -> Result<(
 }
 
 #[test]
-fn platform_down_keeps_old_credentials_and_exits_5() -> Result<()> {
+fn platform_down_keeps_old_credentials_and_exits_5_then_recovers() -> Result<()> {
     let mut node = Node::start("1h")?;
     let before = node.serial()?;
     node.platform.stop()?;
@@ -268,6 +268,63 @@ fn platform_down_keeps_old_credentials_and_exits_5() -> Result<()> {
     );
     ensure!(node.serial()? == before);
     node.assert_consistent()?;
+    // The platform comes back on the same address: the next run rotates, the agent follows.
+    node.platform
+        .restart(&["--next-poll-seconds", "1", "--cert-ttl", "1h"])?;
+    let (out, v) = node.certd_json(&["--force"])?;
+    ensure!(out.status.success() && v["state"] == "rotated", "{v}");
+    let after = node.serial()?;
+    ensure!(after != before);
+    node.wait_heartbeat_with(&after, Duration::from_secs(15))?;
+    Ok(())
+}
+
+#[test]
+fn overdue_rotation_is_reported_on_every_heartbeat() -> Result<()> {
+    let node = Node::start("20s")?;
+    let agent = ("com.powernode.Agent1", "/com/powernode/Agent1");
+    let state = || -> Result<String> {
+        let out = powernode_integration_tests::bus::busctl(
+            node.bus.address(),
+            &powernode_integration_tests::bus::Caller::root(),
+            &[
+                "get-property",
+                agent.0,
+                agent.1,
+                agent.0,
+                "CertificateState",
+            ],
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .trim_start_matches("s ")
+            .trim_matches('"')
+            .to_string())
+    };
+    // No certd runs: once the renewal is late by a tenth of the lifetime, the agent says so.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state()? != "overdue" {
+        ensure!(
+            Instant::now() < deadline,
+            "never overdue: {}\n{}",
+            state()?,
+            node.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    let reports = node
+        .agent_log()
+        .matches("certificate rotation overdue")
+        .count();
+    ensure!(reports >= 2, "reported on each heartbeat, got {reports}");
+    let (out, v) = node.certd_json(&[])?;
+    ensure!(out.status.success() && v["state"] == "rotated", "{v}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state()? != "valid" {
+        ensure!(Instant::now() < deadline, "still {}", state()?);
+        std::thread::sleep(Duration::from_millis(250));
+    }
     Ok(())
 }
 
