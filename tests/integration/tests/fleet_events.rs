@@ -640,3 +640,48 @@ fn kill_9_at_random_points_loses_no_acknowledged_event() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn exits_when_idle_only_once_drained() -> Result<()> {
+    let mut node = Node::start()?;
+    let toml = node.root.path().join("etc/powernode/agent.toml");
+    let cfg = fs::read_to_string(&toml)?.replace("idle_exit_secs = 0", "idle_exit_secs = 1");
+    fs::write(&toml, cfg)?;
+    node.outage.down();
+    node.spawn(&[])?;
+    let conn = node.connect()?;
+    let id = node.rt.block_on(async {
+        let p = proxy(&conn).await?;
+        wait_ready(&p).await?;
+        anyhow::Ok(p.emit("test.idle", "info", "{}").await?)
+    })?;
+    std::thread::sleep(Duration::from_secs(3));
+    let daemon = node.daemon.as_mut().context("daemon")?;
+    ensure!(
+        daemon.try_wait()?.is_none(),
+        "exited idle with an event still queued: {}",
+        tail(&node.log())
+    );
+    node.outage.restore();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = node.daemon.as_mut().context("daemon")?.try_wait()? {
+            break st;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(15),
+            "not exited after draining: {}",
+            tail(&node.log())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    node.daemon = None;
+    ensure!(status.success(), "{status}: {}", tail(&node.log()));
+    node.wait_delivered(&HashSet::from([id]), Duration::from_secs(1))?;
+    ensure!(
+        node.log().contains("idle and drained"),
+        "{}",
+        tail(&node.log())
+    );
+    Ok(())
+}
