@@ -15,6 +15,8 @@ pub const CERT_NAME: &str = "com.powernode.Cert1";
 pub const CERT_PATH: &str = "/com/powernode/Cert1";
 pub const AGENT_NAME: &str = "com.powernode.Agent1";
 pub const AGENT_PATH: &str = "/com/powernode/Agent1";
+pub const FLEETEVENT_NAME: &str = "com.powernode.FleetEvent1";
+pub const FLEETEVENT_PATH: &str = "/com/powernode/FleetEvent1";
 
 /// Errors crossing the bus: one variant per [`crate::ErrorKind`], named
 /// `com.powernode.Error.<Kind>`, carrying the human message.
@@ -166,6 +168,26 @@ pub trait Cert1 {
     fn last_error(&self) -> zbus::Result<String>;
     #[zbus(signal)]
     fn certificate_rotated(&self, serial: String) -> zbus::Result<()>;
+}
+
+#[proxy(
+    interface = "com.powernode.FleetEvent1",
+    default_service = "com.powernode.FleetEvent1",
+    default_path = "/com/powernode/FleetEvent1"
+)]
+pub trait FleetEvent1 {
+    /// Store an event durably (returns once it is on disk); returns its id.
+    fn emit(&self, kind: &str, severity: &str, payload_json: &str) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn queued(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn dropped(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn rejected(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn last_upload(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn last_error(&self) -> zbus::Result<String>;
 }
 
 /// systemd-timedated, for the clock-trust decision.

@@ -26,6 +26,7 @@ pub enum Profile {
     Enroll,
     Cert,
     Agent,
+    Events,
 }
 
 impl Profile {
@@ -35,6 +36,7 @@ impl Profile {
             Profile::Enroll => "enroll",
             Profile::Cert => "cert",
             Profile::Agent => "agent",
+            Profile::Events => "events",
         }
     }
 
@@ -43,7 +45,7 @@ impl Profile {
         match self {
             // fw-cfg and DMI files are root-only 0400.
             Profile::Identity => vec![caps::Capability::CAP_DAC_READ_SEARCH],
-            Profile::Enroll | Profile::Cert | Profile::Agent => Vec::new(),
+            Profile::Enroll | Profile::Cert | Profile::Agent | Profile::Events => Vec::new(),
         }
     }
 }
@@ -137,6 +139,11 @@ impl FsRules {
             Profile::Agent => {
                 read.push(paths.run_dir());
                 write.push(paths.state_dir());
+            }
+            // Reads the PKI (under the state dir) for uploads; writes only its queue.
+            Profile::Events => {
+                read.push(paths.state_dir());
+                write.push(paths.state_dir().join("events"));
             }
         }
         read.sort();

@@ -98,9 +98,9 @@ impl From<EventError> for crate::Error {
                 what: "event message",
                 limit: n as u64,
             },
-            EventError::RateLimited(s) => crate::Error::Unavailable {
+            EventError::RateLimited(s) => crate::Error::Refused {
                 status: 429,
-                retry_after: None,
+                code: Some("rate_limited".into()),
                 message: format!("rate limit exceeded for {s}"),
             },
             other => crate::Error::malformed("event", other),

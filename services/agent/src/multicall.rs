@@ -9,6 +9,7 @@ pub enum Callname {
     Identityd,
     Enrolld,
     Certd,
+    Fleeteventd,
     /// The upstream agent's legacy name.
     Ipn,
 }
@@ -23,6 +24,7 @@ pub fn callname_from_argv0(argv0: Option<&OsStr>) -> Callname {
         "powernode-identityd" => Callname::Identityd,
         "powernode-enrolld" => Callname::Enrolld,
         "powernode-certd" => Callname::Certd,
+        "powernode-fleeteventd" => Callname::Fleeteventd,
         "ipn" => Callname::Ipn,
         _ => Callname::Agent,
     }
@@ -43,6 +45,10 @@ mod tests {
             (
                 Some("/usr/libexec/powernode/powernode-certd"),
                 Callname::Certd,
+            ),
+            (
+                Some("/usr/libexec/powernode/powernode-fleeteventd"),
+                Callname::Fleeteventd,
             ),
             (Some("/sbin/ipn"), Callname::Ipn),
             (Some("/usr/bin/powernode-agent"), Callname::Agent),

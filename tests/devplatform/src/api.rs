@@ -50,6 +50,8 @@ pub struct AppState {
     pub ca: Ca,
     pub jwt: JwtKey,
     pub config: ApiConfig,
+    /// Fleet events per instance (`events.rs`).
+    pub events: crate::events::EventLog,
 }
 
 /// Facts about the connection a request arrived on, inserted by the server per connection.
@@ -64,7 +66,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     let api = Router::new()
         .route("/enroll", post(enroll))
         .route("/enroll/refresh", post(refresh))
-        .route("/status/heartbeat", post(heartbeat));
+        .route("/status/heartbeat", post(heartbeat))
+        .route("/fleet/events", post(crate::events::post_events));
     Router::new()
         .nest(API_PREFIX, api)
         .fallback(not_found)

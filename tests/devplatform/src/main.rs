@@ -6,6 +6,7 @@
 mod admin;
 mod api;
 mod ca;
+mod events;
 mod fsutil;
 mod jwt;
 mod server;
@@ -50,6 +51,17 @@ enum Command {
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+    /// Fleet events received (de-duplicated on correlation_id), per instance.
+    Events {
+        #[arg(long = "state")]
+        state: PathBuf,
+        /// Only this instance.
+        #[arg(long)]
+        instance: Option<String>,
+        /// Print JSON (an array of {instance_id, accepted, duplicates, events}).
+        #[arg(long)]
+        json: bool,
     },
     /// List enrolled instances.
     Instances {
@@ -143,6 +155,24 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&t)?);
             } else {
                 println!("{}", t.token);
+            }
+            Ok(())
+        }
+        Command::Events {
+            state,
+            instance,
+            json,
+        } => {
+            let list = events::list(&state, instance.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string(&list)?);
+            } else {
+                for i in &list {
+                    println!(
+                        "{}  accepted {}  duplicates {}",
+                        i.instance_id, i.accepted, i.duplicates
+                    );
+                }
             }
             Ok(())
         }

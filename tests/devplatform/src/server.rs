@@ -73,6 +73,7 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
         ca,
         jwt,
         config: opts.config,
+        events: crate::events::EventLog::open(&state_dir)?,
     });
     let router = api::router(state);
     let acceptor = TlsAcceptor::from(Arc::new(tls));

@@ -16,6 +16,7 @@ pub const BINARIES: &[(&str, &str)] = &[
     ("powernode-identityd", "usr/libexec/powernode"),
     ("powernode-enrolld", "usr/libexec/powernode"),
     ("powernode-certd", "usr/libexec/powernode"),
+    ("powernode-fleeteventd", "usr/libexec/powernode"),
     ("powernode-agent", "usr/bin"),
 ];
 
