@@ -53,8 +53,10 @@ demo:
 	@$(MAKE) --no-print-directory image
 	$(CARGO) run -q -p powernode-integration-tests --bin powernode-demo
 
+# Figures, not tests (CI does not run it): `BENCH <name> <value> <unit>` lines, `vs <tool> <value>`
+# for a peer measured in the same run, `#` comments. See tests/bench/run.sh.
 bench:
-	@echo "bench: not yet"; exit 1
+	@CARGO="$(CARGO)" bash tests/bench/run.sh
 
 clean-images:
 	rm -rf --one-file-system build/images
