@@ -201,6 +201,33 @@ pub trait Timedate1 {
     fn ntp_synchronized(&self) -> zbus::Result<bool>;
 }
 
+/// Send a fleet event through fleeteventd without letting its absence or slowness hurt the
+/// caller: the outcome is logged, never returned. The event is also logged with an `event`
+/// field, so the journal has it even when no fleeteventd is installed.
+pub async fn emit_event(
+    conn: Option<&zbus::Connection>,
+    kind: &str,
+    severity: &str,
+    payload: serde_json::Value,
+) {
+    tracing::info!(event = kind, severity, payload = %payload, "fleet event");
+    let Some(conn) = conn else { return };
+    let send = async {
+        FleetEvent1Proxy::new(conn)
+            .await?
+            .emit(kind, severity, &payload.to_string())
+            .await
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), send).await {
+        Ok(Ok(id)) => tracing::debug!(event = kind, id = %id, "fleet event queued"),
+        Ok(Err(e)) => tracing::warn!(event = kind, error = %e, "fleet event not queued"),
+        Err(_) => tracing::warn!(
+            event = kind,
+            "fleet event not queued: fleeteventd timed out"
+        ),
+    }
+}
+
 /// Connect to the system bus (`DBUS_SYSTEM_BUS_ADDRESS` is honoured, which is how tests point
 /// the suite at a private bus).
 pub async fn system_bus() -> crate::Result<zbus::Connection> {

@@ -209,12 +209,30 @@ pub async fn check(
             }
             status.state = if expired { "re-enrolled" } else { "rotated" }.into();
             tracing::info!(event = "system.cert.rotated", serial = %status.serial, not_after = %meta.not_after, "certificate rotated");
+            powernode::bus::emit_event(
+                conn,
+                if expired {
+                    "system.cert.reenrolled"
+                } else {
+                    "system.cert.rotated"
+                },
+                "info",
+                serde_json::json!({"serial": status.serial, "not_after": meta.not_after}),
+            )
+            .await;
             (status.clone(), Ok(Some(status.serial)))
         }
         Err(e) => {
             tracing::error!(event = "system.cert.rotation_failed", severity = "critical", kind = %e.kind(), error = %e, "rotation failed; old credentials kept");
             status.state = "failed".into();
             status.last_error = format!("{e}{}", recovery_error.unwrap_or_default());
+            powernode::bus::emit_event(
+                conn,
+                "system.cert.rotation_failed",
+                "critical",
+                serde_json::json!({"serial": status.serial, "not_after": status.not_after, "error": status.last_error}),
+            )
+            .await;
             (status, Err(e))
         }
     }

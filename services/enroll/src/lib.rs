@@ -146,6 +146,26 @@ impl EnrollService {
         let result = self.enroll_once(conn).await;
         self.idle.touch();
         let before = self.status.clone();
+        let event = match &result {
+            Ok(Outcome::Enrolled(m)) | Ok(Outcome::ReEnrolled(m)) => Some((
+                "system.enroll.succeeded",
+                "info",
+                serde_json::json!({"instance_id": m.instance_id, "not_after": m.not_after}),
+            )),
+            Ok(Outcome::AlreadyEnrolled(_)) => None,
+            Err(e) => Some((
+                "system.enroll.failed",
+                if e.kind() == powernode::ErrorKind::Refused {
+                    "critical"
+                } else {
+                    "error"
+                },
+                serde_json::json!({"kind": e.kind().as_str(), "error": e.to_string()}),
+            )),
+        };
+        if let Some((kind, severity, payload)) = event {
+            powernode::bus::emit_event(Some(conn), kind, severity, payload).await;
+        }
         match &result {
             Ok(Outcome::Enrolled(m)) => {
                 tracing::info!(instance = %m.instance_id, not_after = %m.not_after, "enrolled");

@@ -158,6 +158,33 @@ impl DevPlatform {
         })
     }
 
+    /// Fleet events the platform stored for `instance` (each with kind, severity, payload, …).
+    pub fn events(&self, instance: &str) -> Result<Vec<Value>> {
+        let v: Value =
+            serde_json::from_str(&self.cli(&["events", "--json", "--instance", instance])?)?;
+        Ok(v.as_array()
+            .and_then(|a| a.first())
+            .and_then(|i| i["events"].as_array())
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// Wait until an event of `kind` from `instance` reached the platform.
+    pub fn wait_event(&self, instance: &str, kind: &str, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let events = self.events(instance)?;
+            if let Some(e) = events.iter().find(|e| e["kind"] == kind) {
+                return Ok(e.clone());
+            }
+            if Instant::now() > deadline {
+                let kinds: Vec<_> = events.iter().map(|e| e["kind"].clone()).collect();
+                bail!("no {kind} event from {instance} in {timeout:?}; got {kinds:?}");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
     pub fn instances(&self) -> Result<Vec<Value>> {
         Ok(serde_json::from_str(&self.cli(&["instances", "--json"])?)?)
     }

@@ -209,6 +209,22 @@ fn node_enrolls_and_heartbeats_under_systemd() -> Result<()> {
     );
     ensure!(status.contains("CapEff:\t0000000000000000"), "{status}");
 
+    // enrolld's event went through fleeteventd (D-Bus activated, durable queue, mTLS upload).
+    let ev = platform
+        .wait_event(
+            &token.instance_uuid,
+            "system.enroll.succeeded",
+            Duration::from_secs(30),
+        )
+        .with_context(|| {
+            c.journal("powernode-fleeteventd.service")
+                .unwrap_or_default()
+        })?;
+    ensure!(
+        ev["severity"] == "info" && !ev["correlation_id"].is_null(),
+        "{ev}"
+    );
+
     // A caller outside root/powernode is refused by the real system bus policy.
     let out = c.exec(&[
         "setpriv",
@@ -344,6 +360,16 @@ fn certificates_rotate_on_schedule_under_systemd() -> Result<()> {
     );
     let j = c.journal("powernode-certd-rotate.service")?;
     ensure!(j.contains("certificate rotated"), "{j}");
+    platform
+        .wait_event(
+            &token.instance_uuid,
+            "system.cert.rotated",
+            Duration::from_secs(30),
+        )
+        .with_context(|| {
+            c.journal("powernode-fleeteventd.service")
+                .unwrap_or_default()
+        })?;
 
     // RotateNow over the bus activates certd as a D-Bus service under its own unit.
     let cert = "com.powernode.Cert1";
