@@ -8,7 +8,7 @@
 //!
 //! Speed: the two leading local strategies are read first (no packet leaves the node when they
 //! match); everything else then starts at once, and the cascade walks the results in order, so a
-//! black-holed metadata address costs one overall deadline ([`Settings::deadline`], 2 s), not the
+//! black-holed metadata address costs one overall deadline ([`Settings::deadline`], 1.8 s), not the
 //! sum of the probes. Precedence stays the fixed order whatever finishes first.
 //!
 //! The result is cached in `/run/powernode/identity.json` (0600): it holds the bootstrap token, so
@@ -220,8 +220,10 @@ pub const METADATA_URL_ENV: &str = "POWERNODE_METADATA_URL";
 /// One metadata request (the upstream agent's per-probe budget).
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Every cloud probe, retries included, is over by then: the worst case of the whole network
-/// phase when the metadata address black-holes (issue 3's goal; upstream's budget is 30 s).
-pub const CLOUD_DEADLINE: Duration = Duration::from_secs(2);
+/// phase when the metadata address black-holes. Issue 3's goal is ≤ 2 s for the whole cascade
+/// (upstream's budget is 30 s); 1.8 s leaves room for the local strategies and the process.
+/// It still fits one full 1.5 s probe.
+pub const CLOUD_DEADLINE: Duration = Duration::from_millis(1800);
 /// Metadata bodies above this are refused (upstream's cap; user-data for us is a few lines).
 pub const METADATA_BODY_LIMIT: usize = 64 * 1024;
 /// `vmware-rpctool "info-get guestinfo.powernode.userdata"` is the guestinfo interface.
