@@ -11,9 +11,11 @@ IMAGE_DIR := build/images/bookworm
 #   util-linux, passwd              setpriv/nsenter, groupadd
 #   socat                           forwarding into guests and containers
 #   pkg-config, libtss2-dev         building tss-esapi
-DEB_PACKAGES := debootstrap systemd-container dbus util-linux passwd socat pkg-config libtss2-dev ca-certificates
+#   qemu-system-x86, busybox-static, cpio, kmod, binutils  the TCG VM tier (tests/vm/)
+DEB_PACKAGES := debootstrap systemd-container dbus util-linux passwd socat pkg-config libtss2-dev ca-certificates \
+	qemu-system-x86 busybox-static cpio kmod binutils
 
-.PHONY: all deps build image lint test demo bench clean-images
+.PHONY: all deps build image vm-assets lint test demo bench clean-images
 
 all: build
 
@@ -34,6 +36,10 @@ build:
 image:
 	bash tests/systemd/mkimage.sh $(IMAGE_DIR)
 
+# Debian's kernel for the VM tier, unpacked once under build/vm/kernel.
+vm-assets:
+	bash tests/vm/kernel.sh
+
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
@@ -43,6 +49,7 @@ test:
 	@$(MAKE) --no-print-directory deps
 	@$(MAKE) --no-print-directory build
 	@$(MAKE) --no-print-directory image
+	@$(MAKE) --no-print-directory vm-assets
 	@$(MAKE) --no-print-directory lint
 	$(CARGO) nextest run --workspace --no-fail-fast
 
