@@ -110,6 +110,9 @@ pub trait Identity1 {
 pub trait Enroll1 {
     /// Enroll with the identity's bootstrap token unless PKI already exists; returns the instance id.
     fn enroll(&self) -> zbus::Result<String>;
+    /// Relay one claim poll for identityd (which may not reach the platform): POST the typed
+    /// claim request to `<server>/…/claim` trusting only `ca_pem`; returns the reply's data.
+    fn post_claim(&self, server: &str, ca_pem: &str, request_json: &str) -> zbus::Result<String>;
     #[zbus(property)]
     fn enrolled(&self) -> zbus::Result<bool>;
     #[zbus(property)]

@@ -124,9 +124,10 @@ impl FsRules {
         let mut write = Vec::new();
         match profile {
             Profile::Identity => {
-                read.push(paths.proc_cmdline());
-                read.push(paths.under("/sys/firmware"));
-                read.push(paths.under("/sys/class/dmi"));
+                // The node's kernel interfaces under its root (the same /proc and /sys in
+                // production): cmdline, fw-cfg, DMI, network addresses, hostname.
+                read.push(paths.under("/proc"));
+                read.push(paths.under("/sys"));
                 read.push(paths.under("/boot"));
                 read.push(paths.under("/etc"));
                 read.push(paths.state_dir());

@@ -23,6 +23,49 @@ const MAX_BOOT_CFG: u64 = 256 * 1024;
 const CLAIM_PATH: &str = "/claim";
 /// The server's normal cadence, used when a reply carries none.
 const DEFAULT_POLL: Duration = Duration::from_secs(30);
+/// How soon to try again when the claim relay (enrolld on D-Bus) could not be reached.
+const RELAY_RETRY: Duration = Duration::from_secs(2);
+
+/// Who carries a claim request to the platform. identityd's unit may reach only loopback and the
+/// metadata address, so the daemon hands the POST to enrolld (which talks to the platform
+/// anyway) over D-Bus; the CLI and tests post in-process with [`post_claim`].
+pub trait ClaimTransport: Send + Sync {
+    /// POST `request_json` to `<server><prefix>/claim`, trusting only `ca_pem`; the reply's
+    /// `data` as JSON text. Errors keep their kind (unreachable vs refused).
+    fn post<'a>(
+        &'a self,
+        server: &'a str,
+        ca_pem: &'a str,
+        request_json: String,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String>> + Send + 'a>>;
+}
+
+/// The claim request a node may send: parsing into it is how a relay (enrolld) makes sure it
+/// forwards nothing else.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ClaimRequestBody {
+    pub mac: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dmi_uuid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    pub agent_version: String,
+    pub architecture: String,
+}
+
+/// One claim POST from this process: the platform client with the boot file's CA only.
+pub async fn post_claim(
+    platform: &crate::config::PlatformConfig,
+    server: &str,
+    ca_pem: &str,
+    request_json: &str,
+) -> Result<String> {
+    let body: ClaimRequestBody =
+        serde_json::from_str(request_json).map_err(|e| Error::malformed("claim request", e))?;
+    let client = PlatformClient::new(platform, server, ca_pem, None, None)?;
+    let reply: serde_json::Value = client.post(CLAIM_PATH, &body).await?;
+    Ok(reply.to_string())
+}
 
 #[derive(Debug, Serialize)]
 struct ClaimRequest {
@@ -114,7 +157,6 @@ async fn poll(ctx: &Ctx, cfg_path: &str, server: String, fields: Fields) -> Resu
             "claim: {cfg_path} has SERVER but no CA_PEM or CA_PEM_FILE; the claim server cannot be authenticated"
         ))
     })?;
-    let client = PlatformClient::new(&ctx.settings.platform, &server, &ca, None, None)?;
     let request = ClaimRequest {
         mac: mac_address(ctx)?,
         dmi_uuid: product_uuid(ctx).ok().flatten(),
@@ -122,18 +164,38 @@ async fn poll(ctx: &Ctx, cfg_path: &str, server: String, fields: Fields) -> Resu
         agent_version: crate::AGENT_VERSION,
         architecture: crate::architecture(),
     };
-    let url = format!("{}{CLAIM_PATH}", client.base_url());
+    let request_json =
+        serde_json::to_string(&request).map_err(|e| Error::malformed("claim request", e))?;
+    let url = format!(
+        "{}{}{CLAIM_PATH}",
+        server.trim_end_matches('/'),
+        ctx.settings.platform.api_prefix
+    );
     let mut shown: Option<String> = None;
     loop {
         let reply: Result<ClaimReply> = ctx
             .settings
             .retry
-            .run(|_| client.post(CLAIM_PATH, &request))
+            .run(|_| async {
+                let text = match &ctx.settings.claim_transport {
+                    Some(t) => t.post(&server, &ca, request_json.clone()).await?,
+                    None => post_claim(&ctx.settings.platform, &server, &ca, &request_json).await?,
+                };
+                serde_json::from_str::<ClaimReply>(&text)
+                    .map_err(|e| Error::malformed("claim reply", e))
+            })
             .await;
         let wait = match reply {
+            // A relay that is not there yet (enrolld being activated or restarted): soon again.
+            Err(e @ Error::Bus(_)) => {
+                tracing::warn!(error = %e, "claim relay unavailable, retrying");
+                RELAY_RETRY
+            }
             // Transient failures outlived the retry policy: the node keeps polling (a human is
             // expected to act; the platform may be down for a while).
-            Err(e @ (Error::Unreachable(_) | Error::Unavailable { .. })) => {
+            Err(
+                e @ (Error::Unreachable(_) | Error::NotConnected(_) | Error::Unavailable { .. }),
+            ) => {
                 tracing::warn!(error = %e, "claim poll failed, polling again");
                 DEFAULT_POLL
             }

@@ -15,7 +15,7 @@
 //! it never leaves the node and [`Identity::public`] is what D-Bus and the CLI show. Once the node
 //! is enrolled (PKI present) a restart never re-runs network discovery: see [`obtain`].
 
-mod claim;
+pub mod claim;
 mod cloud;
 mod cmdline;
 mod configdrive;
@@ -254,6 +254,8 @@ pub struct Settings {
     /// enrollment.
     pub offline: bool,
     pub on_claim_code: Option<ClaimObserver>,
+    /// How claim requests reach the platform; `None` posts from this process.
+    pub claim_transport: Option<Arc<dyn claim::ClaimTransport>>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -280,6 +282,7 @@ impl Default for Settings {
             claim_min_poll: CLAIM_MIN_POLL,
             offline: false,
             on_claim_code: None,
+            claim_transport: None,
         }
     }
 }

@@ -197,6 +197,29 @@ impl EnrollService {
         Ok(result.map_err(BusError::from)?.meta().instance_id.clone())
     }
 
+    /// Relay a claim poll for identityd, whose unit may reach only the metadata address. Only a
+    /// well-formed claim request is forwarded, to the claim path, over HTTPS with the given CA.
+    async fn post_claim(
+        &self,
+        server: &str,
+        ca_pem: &str,
+        request_json: &str,
+    ) -> Result<String, BusError> {
+        self.idle.touch();
+        let r = powernode::identity::claim::post_claim(
+            &self.cfg.platform,
+            server,
+            ca_pem,
+            request_json,
+        )
+        .await;
+        self.idle.touch();
+        r.map_err(|e| {
+            tracing::warn!(server, error = %e, "claim relay failed");
+            BusError::from(e)
+        })
+    }
+
     #[zbus(property)]
     async fn enrolled(&self) -> bool {
         self.idle.touch();

@@ -232,11 +232,45 @@ impl IdentityService {
     }
 }
 
+/// Claim transport over D-Bus: enrolld makes the HTTPS call.
+struct BusClaim {
+    conn: Arc<Mutex<Option<zbus::Connection>>>,
+}
+
+impl powernode::identity::claim::ClaimTransport for BusClaim {
+    fn post<'a>(
+        &'a self,
+        server: &'a str,
+        ca_pem: &'a str,
+        request_json: String,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = powernode::Result<String>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let conn = self
+                .conn
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .ok_or_else(|| powernode::Error::Bus("not connected yet".into()))?;
+            let proxy = powernode::bus::Enroll1Proxy::new(&conn).await?;
+            proxy
+                .post_claim(server, ca_pem, &request_json)
+                .await
+                .map_err(powernode::bus::error_from_bus)
+        })
+    }
+}
+
 /// Serve `com.powernode.Identity1` until idle or SIGTERM.
 pub async fn run(paths: Paths, cfg: Config) -> anyhow::Result<()> {
     let idle = IdleTracker::new(cfg.daemon.idle_exit_secs);
     let state = Arc::new(Mutex::new(State::default()));
     let mut settings = Settings::from_config(&cfg)?;
+    // Claim polls go through enrolld: this unit may reach only loopback and the metadata address.
+    let bus_conn: Arc<Mutex<Option<zbus::Connection>>> = Arc::new(Mutex::new(None));
+    settings.claim_transport = Some(Arc::new(BusClaim {
+        conn: bus_conn.clone(),
+    }));
     let claim_state = state.clone();
     settings.on_claim_code = Some(Arc::new(move |code: &str| {
         claim_state
@@ -250,7 +284,7 @@ pub async fn run(paths: Paths, cfg: Config) -> anyhow::Result<()> {
         ctx,
         state,
         done,
-        conn: Arc::new(Mutex::new(None)),
+        conn: bus_conn,
     };
     // A cached identity is served at once, without waiting for the bus.
     match identity::load_cached(&shared.ctx.paths) {

@@ -237,3 +237,60 @@ fn fake_aws_node_on_the_bus() -> Result<()> {
     );
     Ok(())
 }
+
+/// identityd's unit may reach only the metadata address, so claim polls are relayed by
+/// enrolld: without enrolld no claim request leaves identityd; with it the node is claimed.
+#[test]
+fn claim_polling_is_relayed_by_enrolld() -> Result<()> {
+    use powernode_integration_tests::metadata::{ClaimStep, FakeClaim};
+    let claim = FakeClaim::start(vec![
+        ClaimStep::Pending {
+            code: "K7M2QX9P".into(),
+            poll_after: 0,
+        },
+        ClaimStep::Claimed {
+            instance_uuid: "77777777-7777-4777-8777-777777777777".into(),
+            token: "tok-claimed-secret".into(),
+        },
+    ])?;
+    let bus = PrivateBus::start()?;
+    let root = node(&[])?;
+    let r = root.path();
+    fs::create_dir_all(r.join("boot"))?;
+    fs::write(
+        r.join("boot/identity.cfg"),
+        format!(
+            "ID=\nKEY=\nSERVER={}\nCA_PEM_FILE=/boot/powernode-ca.pem\n",
+            claim.url
+        ),
+    )?;
+    fs::write(r.join("boot/powernode-ca.pem"), &claim.ca_pem)?;
+    fs::create_dir_all(r.join("sys/class/net/eth0"))?;
+    fs::write(r.join("sys/class/net/eth0/address"), "52:54:00:ab:cd:ef\n")?;
+    let mut d = start(&bus, r, &[])?;
+    wait_name(&bus, &mut d)?;
+    std::thread::sleep(Duration::from_millis(1500));
+    ensure!(
+        claim.requests().is_empty(),
+        "identityd posted the claim itself: {:?}",
+        claim.requests()
+    );
+    let log = tempfile::NamedTempFile::new()?;
+    let mut enrolld = Command::new(bin("powernode-enrolld")?)
+        .arg("--root")
+        .arg(r)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", bus.address())
+        .stdout(log.reopen()?)
+        .stderr(log.reopen()?)
+        .spawn()?;
+    let id = wait_identity(&bus, &mut d);
+    enrolld.kill().ok();
+    enrolld.wait().ok();
+    let id = id.with_context(|| fs::read_to_string(log.path()).unwrap_or_default())?;
+    ensure!(id == "77777777-7777-4777-8777-777777777777", "{id}");
+    ensure!(property(&bus, "Source")? == "claim");
+    ensure!(property(&bus, "Evidence")?.contains("claim code K7M2QX9P"));
+    ensure!(claim.requests().len() == 2, "{:?}", claim.requests());
+    check_no_secret_on_bus(&bus, "tok-claimed-secret")?;
+    Ok(())
+}
