@@ -11,7 +11,7 @@ IMAGE_DIR := build/images/bookworm
 #   util-linux, passwd              setpriv/nsenter, groupadd
 #   socat                           forwarding into guests and containers
 #   pkg-config, libtss2-dev         building tss-esapi
-DEB_PACKAGES := debootstrap systemd-container dbus util-linux passwd socat pkg-config libtss2-dev ca-certificates
+DEB_PACKAGES := debootstrap systemd-container dbus util-linux passwd socat pkg-config libtss2-dev ca-certificates docker-registry erofs-utils fsverity
 
 .PHONY: all deps build image lint test demo bench clean-images
 
