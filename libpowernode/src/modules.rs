@@ -227,6 +227,14 @@ pub async fn fetch_and_verify(
             "fs-verity digest differs between platform ({platform}) and artifact ({want_fsverity})"
         )));
     }
+    if let Some(size) = art.size_bytes
+        && i64::try_from(size).ok() != Some(layer.size)
+    {
+        return Err(refuse(format!(
+            "image size differs between platform ({size}) and artifact ({})",
+            layer.size
+        )));
+    }
     let artifact = Artifact::parse_digest(&layer.digest)
         .ok_or_else(|| refuse(format!("unsupported layer digest {}", layer.digest)))?;
     let verified = verify::verify(&root, &bundle, &artifact, &policy)

@@ -151,7 +151,10 @@ pub async fn pull_blob_to_store(
             .open(&tmp)
             .await
             .map_err(|e| io("creating", &tmp, e))?;
-        let mut w = tokio::io::BufWriter::new(file);
+        let mut w = Capped {
+            inner: tokio::io::BufWriter::new(file),
+            left: u64::try_from(layer.size).unwrap_or(0),
+        };
         client
             .pull_blob(reference, layer, &mut w)
             .await
@@ -162,7 +165,7 @@ pub async fn pull_blob_to_store(
                 other => PullError::Registry(format!("pulling blob {}: {other}", layer.digest)),
             })?;
         w.flush().await.map_err(|e| io("writing", &tmp, e))?;
-        let file = w.into_inner();
+        let file = w.inner.into_inner();
         file.sync_all().await.map_err(|e| io("syncing", &tmp, e))?;
         drop(file);
         // Belt and braces: check what is on disk, not what the client says it streamed.
@@ -197,6 +200,46 @@ pub async fn pull_blob_to_store(
         let _ = tokio::fs::remove_file(&tmp).await;
     }
     result
+}
+
+/// A writer that refuses more than `left` bytes: a registry cannot fill the disk by streaming
+/// more than the descriptor announced (the digest check would only fail at the end).
+struct Capped<W> {
+    inner: W,
+    left: u64,
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Capped<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if buf.len() as u64 > self.left {
+            return std::task::Poll::Ready(Err(std::io::Error::other(
+                "blob is larger than its descriptor",
+            )));
+        }
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.left -= *n as u64;
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 async fn file_sha256(path: &Path) -> std::io::Result<String> {

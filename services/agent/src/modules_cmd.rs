@@ -59,6 +59,25 @@ fn run_inner(command: &'static str, paths: &Paths, only: Option<&str>) -> Result
                         worst = code;
                     }
                     tracing::error!(module = %m.name, error = %e, "module refused");
+                    // Best effort: queue a fleet event when a bus (and fleeteventd) is there.
+                    let conn = tokio::time::timeout(
+                        std::time::Duration::from_secs(2),
+                        powernode::bus::system_bus(),
+                    )
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
+                    powernode::bus::emit_event(
+                        conn.as_ref(),
+                        if e.is_verification() {
+                            "module.verify.failed"
+                        } else {
+                            "module.fetch.failed"
+                        },
+                        "error",
+                        json!({"module_id": m.id, "name": m.name, "error": e.to_string()}),
+                    )
+                    .await;
                     failures.push(json!({"id": m.id, "name": m.name, "error": e.to_string(), "verification": e.is_verification()}));
                 }
             }

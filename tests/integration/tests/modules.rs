@@ -365,3 +365,44 @@ fn missing_policy_or_trusted_root_is_refused() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn bundle_with_a_wrong_signature_is_refused() -> Result<()> {
+    let node = Node::start()?;
+    let m = node.publish_and_assign("hello", &[])?;
+    node.pin_trusted_root()?;
+    let id = m["id"].as_str().context("id")?;
+    // Replace the platform's bundle for this module with one whose signature is altered.
+    let path = node
+        .platform
+        .state
+        .join("modules")
+        .join(id)
+        .join("bundle.sigstore.json");
+    let mut b: Value = serde_json::from_slice(&fs::read(&path)?)?;
+    let sig = b["messageSignature"]["signature"]
+        .as_str()
+        .context("signature")?
+        .to_string();
+    // Flip one base64 character in the middle (still valid base64, different DER bytes).
+    let mut chars: Vec<char> = sig.chars().collect();
+    let i = chars.len() / 2;
+    chars[i] = if chars[i] == 'A' { 'B' } else { 'A' };
+    b["messageSignature"]["signature"] = Value::String(chars.into_iter().collect());
+    fs::write(&path, serde_json::to_vec(&b)?)?;
+    let (out, v) = node.update()?;
+    ensure!(out.status.code() == Some(2), "update: {}", describe(&out));
+    ensure!(
+        v["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("verification failed"),
+        "{v}"
+    );
+    ensure!(
+        node.store_entries().is_empty(),
+        "store: {:?}",
+        node.store_entries()
+    );
+    Ok(())
+}
