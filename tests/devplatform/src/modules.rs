@@ -302,8 +302,8 @@ pub async fn publish(a: PublishArgs) -> Result<Module> {
     );
     let store = Store::open(&a.state)?;
     let sig = Sigstore::open(&a.state)?;
-    let work = tempfile_dir(&a.state)?;
-    let image_path = work.join("image.erofs");
+    let work = WorkDir(tempfile_dir(&a.state)?);
+    let image_path = work.0.join("image.erofs");
     let out = Command::new("mkfs.erofs")
         .args(["--quiet", "--all-root", "-T0"])
         .arg(&image_path)
@@ -432,8 +432,16 @@ pub async fn publish(a: PublishArgs) -> Result<Module> {
         )?;
         std::fs::copy(sig.dir.join("signing.pub"), out.join("signing.pub"))?;
     }
-    std::fs::remove_dir_all(&work).ok();
     Ok(module)
+}
+
+/// The build directory, removed however `publish` ends.
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
 }
 
 fn tempfile_dir(state: &Path) -> Result<PathBuf> {
@@ -610,4 +618,58 @@ pub async fn cosign_bundle(
         bytes,
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["hello", "web-1", "a.b_c", "1x"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["", "-x", "Hello", "a/b", "a b", &"x".repeat(65)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn keys_persist_and_bundle_has_a_valid_set() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = Sigstore::open(dir.path()).expect("open");
+        let b = Sigstore::open(dir.path()).expect("reopen");
+        assert_eq!(a.signing.spki, b.signing.spki, "signing key persisted");
+        assert_eq!(a.log.spki, b.log.spki, "log key persisted");
+        assert_ne!(a.signing.spki, a.log.spki);
+        let bundle = a.bundle(b"image bytes").expect("bundle");
+        let e = &bundle["verificationMaterial"]["tlogEntries"][0];
+        let payload = format!(
+            "{{\"body\":{},\"integratedTime\":{},\"logID\":\"{}\",\"logIndex\":0}}",
+            e["canonicalizedBody"],
+            e["integratedTime"].as_str().expect("time"),
+            hex(&a.log.key_id())
+        );
+        let set = B64
+            .decode(e["inclusionPromise"]["signedEntryTimestamp"].as_str().expect("set"))
+            .expect("b64");
+        aws_lc_rs::signature::UnparsedPublicKey::new(
+            &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
+            a.log.key.public_key().as_ref(),
+        )
+        .verify(payload.as_bytes(), &set)
+        .expect("SET verifies with the log key");
+        let root = a.trusted_root();
+        assert_eq!(
+            root["tlogs"][0]["logId"]["keyId"],
+            Value::String(B64.encode(a.log.key_id()))
+        );
+    }
+
+    #[test]
+    fn assign_needs_instance_and_module() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = assign(dir.path(), "i-1", "hello").expect_err("no instance");
+        assert!(err.to_string().contains("no enrolled instance"), "{err}");
+    }
 }
