@@ -57,3 +57,21 @@ pub async fn shutdown_signal() -> Result<()> {
     }
     Ok(())
 }
+
+/// The shape of every daemon's `entry()`: logging under `identifier`, the node root, then `body`
+/// (configuration, sandbox, runtime, serving). An error is logged with its whole chain (`{:#}`)
+/// and the process exits 1.
+pub fn main<E: std::fmt::Display>(
+    identifier: &'static str,
+    root: Option<&std::path::Path>,
+    body: impl FnOnce(Paths) -> std::result::Result<std::process::ExitCode, E>,
+) -> std::process::ExitCode {
+    init_logging(identifier);
+    match body(Paths::from_cli(root)) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

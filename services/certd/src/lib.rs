@@ -61,6 +61,26 @@ pub struct Status {
     pub last_error: String,
 }
 
+impl Status {
+    /// What a verdict on a certificate shows, before any rotation is attempted.
+    fn of(info: &powernode::pki::CertInfo, v: &Verdict) -> Status {
+        Status {
+            serial: info.serial.clone(),
+            not_before: rfc3339(info.not_before),
+            not_after: rfc3339(info.not_after),
+            renew_at: match v {
+                Verdict::NotDue { renew_at } | Verdict::Due { renew_at } => rfc3339(*renew_at),
+                _ => String::new(),
+            },
+            state: v.state().into(),
+            last_error: match v {
+                Verdict::ClockUntrusted(why) => why.clone(),
+                _ => String::new(),
+            },
+        }
+    }
+}
+
 /// NTP state from systemd-timedated; "not synchronised" when it cannot be asked.
 async fn ntp_synchronized(conn: Option<&zbus::Connection>) -> bool {
     let Some(conn) = conn else { return false };
@@ -122,21 +142,10 @@ pub async fn check(
             );
         }
     };
-    let mut status = Status {
-        serial: info.serial.clone(),
-        not_before: rfc3339(info.not_before),
-        not_after: rfc3339(info.not_after),
-        renew_at: match &verdict {
-            Verdict::NotDue { renew_at } | Verdict::Due { renew_at } => rfc3339(*renew_at),
-            _ => String::new(),
-        },
-        state: verdict.state().into(),
-        last_error: String::new(),
-    };
+    let mut status = Status::of(&info, &verdict);
     let go = match &verdict {
         Verdict::ClockUntrusted(why) => {
             tracing::warn!(reason = %why, "clock untrusted: no rotation decision");
-            status.last_error = why.clone();
             false
         }
         Verdict::Expired { not_after } => {
@@ -365,20 +374,7 @@ async fn initial_status(paths: &Paths) -> Status {
         clock::load(paths).ok().flatten(),
     );
     match rotation::decide(now, &trust, &creds) {
-        Ok((info, v)) => Status {
-            serial: info.serial,
-            not_before: rfc3339(info.not_before),
-            not_after: rfc3339(info.not_after),
-            renew_at: match &v {
-                Verdict::NotDue { renew_at } | Verdict::Due { renew_at } => rfc3339(*renew_at),
-                _ => String::new(),
-            },
-            state: v.state().into(),
-            last_error: match v {
-                Verdict::ClockUntrusted(why) => why,
-                _ => String::new(),
-            },
-        },
+        Ok((info, v)) => Status::of(&info, &v),
         Err(e) => Status {
             state: "failed".into(),
             last_error: e.to_string(),
@@ -454,22 +450,17 @@ async fn once(paths: Paths, cfg: Config, force: bool, json: bool) -> anyhow::Res
 
 pub fn entry(argv: impl IntoIterator<Item = OsString>) -> ExitCode {
     let args = Args::parse_from(argv);
-    powernode::daemon::init_logging("powernode-certd");
-    let paths = Paths::from_cli(args.root.as_deref());
-    let result = (|| -> anyhow::Result<ExitCode> {
-        let cfg = Config::load(&paths)?;
-        let rt = powernode::daemon::start(Profile::Cert, &paths)?;
-        if args.once {
-            rt.block_on(once(paths, cfg, args.force, args.json))
-        } else {
-            rt.block_on(serve(paths, cfg)).map(|()| ExitCode::SUCCESS)
-        }
-    })();
-    match result {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    powernode::daemon::main(
+        "powernode-certd",
+        args.root.as_deref(),
+        |paths| -> anyhow::Result<ExitCode> {
+            let cfg = Config::load(&paths)?;
+            let rt = powernode::daemon::start(Profile::Cert, &paths)?;
+            if args.once {
+                rt.block_on(once(paths, cfg, args.force, args.json))
+            } else {
+                rt.block_on(serve(paths, cfg)).map(|()| ExitCode::SUCCESS)
+            }
+        },
+    )
 }

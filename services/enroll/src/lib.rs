@@ -267,18 +267,14 @@ pub async fn run(paths: Paths, cfg: Config) -> anyhow::Result<()> {
 
 pub fn entry(argv: impl IntoIterator<Item = OsString>) -> ExitCode {
     let args = Args::parse_from(argv);
-    powernode::daemon::init_logging("powernode-enrolld");
-    let paths = Paths::from_cli(args.root.as_deref());
-    let result = (|| -> anyhow::Result<()> {
-        let cfg = Config::load(&paths)?;
-        let rt = powernode::daemon::start(Profile::Enroll, &paths)?;
-        rt.block_on(run(paths, cfg))
-    })();
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    powernode::daemon::main(
+        "powernode-enrolld",
+        args.root.as_deref(),
+        |paths| -> anyhow::Result<ExitCode> {
+            let cfg = Config::load(&paths)?;
+            let rt = powernode::daemon::start(Profile::Enroll, &paths)?;
+            rt.block_on(run(paths, cfg))?;
+            Ok(ExitCode::SUCCESS)
+        },
+    )
 }

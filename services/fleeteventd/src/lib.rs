@@ -672,24 +672,20 @@ pub async fn serve(
 
 pub fn entry(argv: impl IntoIterator<Item = OsString>) -> ExitCode {
     let args = Args::parse_from(argv);
-    powernode::daemon::init_logging("powernode-fleeteventd");
-    let paths = Paths::from_cli(args.root.as_deref());
-    let result = (|| -> anyhow::Result<()> {
-        let cfg = Config::load(&paths)?;
-        // Taken before the sandbox and the runtime: LISTEN_FDS is about this process only.
-        let socket = take_socket()?;
-        // The sandbox grants write access to existing paths only.
-        powernode::fsutil::ensure_dir(&paths.state_dir().join("events"), 0o700)?;
-        let rt = powernode::daemon::start(Profile::Events, &paths)?;
-        rt.block_on(serve(paths, cfg, &args, socket))
-    })();
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    powernode::daemon::main(
+        "powernode-fleeteventd",
+        args.root.as_deref(),
+        |paths| -> anyhow::Result<ExitCode> {
+            let cfg = Config::load(&paths)?;
+            // Taken before the sandbox and the runtime: LISTEN_FDS is about this process only.
+            let socket = take_socket()?;
+            // The sandbox grants write access to existing paths only.
+            powernode::fsutil::ensure_dir(&paths.state_dir().join("events"), 0o700)?;
+            let rt = powernode::daemon::start(Profile::Events, &paths)?;
+            rt.block_on(serve(paths, cfg, &args, socket))?;
+            Ok(ExitCode::SUCCESS)
+        },
+    )
 }
 
 #[cfg(test)]

@@ -295,18 +295,14 @@ pub async fn run(paths: Paths, cfg: Config) -> anyhow::Result<()> {
 /// `powernode-agent` multicall binary.
 pub fn entry(argv: impl IntoIterator<Item = OsString>) -> ExitCode {
     let args = Args::parse_from(argv);
-    powernode::daemon::init_logging("powernode-identityd");
-    let paths = Paths::from_cli(args.root.as_deref());
-    let result = (|| -> anyhow::Result<()> {
-        let cfg = Config::load(&paths)?;
-        let rt = powernode::daemon::start(Profile::Identity, &paths)?;
-        rt.block_on(run(paths, cfg))
-    })();
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    powernode::daemon::main(
+        "powernode-identityd",
+        args.root.as_deref(),
+        |paths| -> anyhow::Result<ExitCode> {
+            let cfg = Config::load(&paths)?;
+            let rt = powernode::daemon::start(Profile::Identity, &paths)?;
+            rt.block_on(run(paths, cfg))?;
+            Ok(ExitCode::SUCCESS)
+        },
+    )
 }

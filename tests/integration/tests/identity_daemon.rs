@@ -79,6 +79,24 @@ fn property(bus: &PrivateBus, prop: &str) -> Result<String> {
     Ok(s.trim_start_matches("s ").trim_matches('"').to_string())
 }
 
+/// Wait until the daemon owns its name (it does so before discovery finishes).
+fn wait_name(bus: &PrivateBus, d: &mut Daemon) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(st) = d.child.try_wait()? {
+            bail!("identityd exited ({st}):\n{}", d.log());
+        }
+        let out = busctl(bus.address(), &Caller::root(), &["list", "--acquired"])?;
+        if String::from_utf8_lossy(&out.stdout).contains(NAME) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{NAME} not owned after 20 s; log:\n{}", d.log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Poll `InstanceId` until the background discovery filled it in.
 fn wait_identity(bus: &PrivateBus, d: &mut Daemon) -> Result<String> {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -180,6 +198,8 @@ fn fake_aws_node_on_the_bus() -> Result<()> {
     // identity.cfg ranks below the clouds: AWS must win.
     let root = node(&["identity-cfg"])?;
     let mut d = start(&bus, root.path(), &[("POWERNODE_METADATA_URL", fake.url())])?;
+    // The name is owned at once; a call before that would be "not provided by any .service".
+    wait_name(&bus, &mut d)?;
     // Resolve() waits for the running discovery and returns the instance id.
     let out = busctl(
         bus.address(),
