@@ -651,7 +651,11 @@ mod tests {
             hex(&a.log.key_id())
         );
         let set = B64
-            .decode(e["inclusionPromise"]["signedEntryTimestamp"].as_str().expect("set"))
+            .decode(
+                e["inclusionPromise"]["signedEntryTimestamp"]
+                    .as_str()
+                    .expect("set"),
+            )
             .expect("b64");
         aws_lc_rs::signature::UnparsedPublicKey::new(
             &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
