@@ -283,3 +283,55 @@ async fn fsverity_of(path: &Path) -> std::io::Result<String> {
     .await
     .map_err(std::io::Error::other)?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies() {
+        assert!(policy_from(&TrustPolicy::default()).expect("ok").is_none());
+        let only_identity = TrustPolicy {
+            cosign_identity_regexp: Some("^https://ci/".into()),
+            ..TrustPolicy::default()
+        };
+        assert!(
+            policy_from(&only_identity).expect("ok").is_none(),
+            "incomplete = none"
+        );
+        let keyless = TrustPolicy {
+            cosign_identity_regexp: Some("^https://ci/".into()),
+            cosign_issuer_regexp: Some("^https://issuer$".into()),
+            ..TrustPolicy::default()
+        };
+        assert!(matches!(
+            policy_from(&keyless).expect("ok"),
+            Some(Policy::Identity { .. })
+        ));
+        let bad_key = TrustPolicy {
+            public_key: Some("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n".into()),
+            ..TrustPolicy::default()
+        };
+        assert!(policy_from(&bad_key).is_err());
+        let bad_regex = TrustPolicy {
+            cosign_identity_regexp: Some("(".into()),
+            cosign_issuer_regexp: Some("x".into()),
+            ..TrustPolicy::default()
+        };
+        assert!(policy_from(&bad_regex).is_err());
+    }
+
+    #[test]
+    fn download_reply_parses_with_unknown_fields() {
+        let d: Download = serde_json::from_str(
+            r#"{"file":{"name":"x"},"oci":{"ref":"r/x:1","digest":"sha256:00","size_bytes":5,"extra":1}}"#,
+        )
+        .expect("parse");
+        let oci = d.oci.expect("oci");
+        assert_eq!(oci.reference, "r/x:1");
+        assert_eq!(oci.size_bytes, Some(5));
+        assert!(oci.cosign_bundle_url.is_none());
+        let none: Download = serde_json::from_str("{}").expect("parse");
+        assert!(none.oci.is_none());
+    }
+}

@@ -177,19 +177,12 @@ impl PlatformClient {
     /// GET a URL the platform handed out (an absolute path on the platform, or a full URL on
     /// the same origin) and return the raw body. Other hosts are refused.
     pub async fn get_raw(&self, url: &str) -> Result<Vec<u8>> {
-        let full = if url.starts_with('/') {
-            format!("{}{}", self.origin, url)
-        } else if url
-            .strip_prefix(&self.origin)
-            .is_some_and(|rest| rest.starts_with('/'))
-        {
-            url.to_string()
-        } else {
-            return Err(Error::malformed(
+        let full = on_origin(&self.origin, url).ok_or_else(|| {
+            Error::malformed(
                 "platform URL",
                 format!("{url:?} is not on the platform {}", self.origin),
-            ));
-        };
+            )
+        })?;
         let req = self.http.get(&full);
         let (status, body, retry_after) = self.send(req, &full).await?;
         if (200..300).contains(&status) {
@@ -235,6 +228,17 @@ impl PlatformClient {
         let body = read_capped(resp, self.max_body).await?;
         Ok((status.as_u16(), body, retry_after))
     }
+}
+
+/// `url` as a full URL on `origin`: an absolute path (not `//host`), or a URL starting with
+/// `origin/`. Anything else (another host, a scheme change, a relative path) is `None`.
+fn on_origin(origin: &str, url: &str) -> Option<String> {
+    if url.starts_with('/') && !url.starts_with("//") {
+        return Some(format!("{origin}{url}"));
+    }
+    url.strip_prefix(origin)
+        .filter(|rest| rest.starts_with('/'))
+        .map(|_| url.to_string())
 }
 
 /// `https://host:port` of a URL without its path.
@@ -384,6 +388,31 @@ async fn read_capped(resp: reqwest::Response, limit: u64) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn platform_urls_stay_on_the_platform() {
+        let o = origin_of("https://p.example:8443/base");
+        assert_eq!(o, "https://p.example:8443");
+        assert_eq!(origin_of("https://p.example"), "https://p.example");
+        assert_eq!(
+            on_origin(&o, "/api/v1/x").as_deref(),
+            Some("https://p.example:8443/api/v1/x")
+        );
+        assert_eq!(
+            on_origin(&o, "https://p.example:8443/f").as_deref(),
+            Some("https://p.example:8443/f")
+        );
+        for bad in [
+            "//evil.example/f",
+            "https://evil.example/f",
+            "https://p.example:8443.evil.example/f",
+            "http://p.example:8443/f",
+            "f",
+            "",
+        ] {
+            assert_eq!(on_origin(&o, bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn refuses_plain_http_and_bad_bundles() {
