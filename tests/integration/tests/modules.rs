@@ -223,6 +223,36 @@ fn published_module_is_pulled_verified_and_stored() -> Result<()> {
     // A second update finds the blob already in place and succeeds again.
     let (out, _) = node.update()?;
     ensure!(out.status.success(), "second update: {}", describe(&out));
+
+    // A new version of the same module (same id) replaces the assignment's artifact.
+    fs::write(
+        node.rootfs().join("etc/hello/hello.conf"),
+        "greeting = hello\n",
+    )?;
+    let rootfs = node.rootfs();
+    let m2: Value = serde_json::from_str(&node.platform.cli(&[
+        "module",
+        "publish",
+        "--registry",
+        &node.registry.addr,
+        "--name",
+        "hello",
+        "--version",
+        "1.1.0",
+        rootfs.to_str().context("utf-8 path")?,
+    ])?)?;
+    ensure!(m2["id"] == m["id"] && m2["version_number"] == 2, "{m2}");
+    let d2 = m2["artifact"]["image_digest"].as_str().context("digest")?;
+    ensure!(d2 != image_digest, "a changed tree gives a new image");
+    let (out, v) = node.update()?;
+    ensure!(out.status.success(), "update to 1.1.0: {}", describe(&out));
+    ensure!(v["modules"][0]["image_digest"] == d2, "{v}");
+    ensure!(
+        node.store()
+            .join(d2.trim_start_matches("sha256:"))
+            .is_file(),
+        "new image stored"
+    );
     Ok(())
 }
 
