@@ -12,8 +12,9 @@ IMAGE_DIR := build/images/bookworm
 #   socat                           forwarding into guests and containers
 #   pkg-config, libtss2-dev         building tss-esapi
 #   qemu-system-x86, busybox-static, cpio, kmod, binutils  the TCG VM tier (tests/vm/)
+#   docker-registry, erofs-utils, fsverity  module publishing and pulling (tests/integration/tests/modules.rs)
 DEB_PACKAGES := debootstrap systemd-container dbus util-linux passwd socat pkg-config libtss2-dev ca-certificates \
-	qemu-system-x86 busybox-static cpio kmod binutils
+	qemu-system-x86 busybox-static cpio kmod binutils docker-registry erofs-utils fsverity
 
 .PHONY: all deps build image vm-assets lint test demo bench clean-images
 

@@ -31,6 +31,8 @@ pub struct ClientIdentity<'a> {
 pub struct PlatformClient {
     http: reqwest::Client,
     base: String,
+    /// `https://host:port` of the platform (for absolute-path URLs it hands out).
+    origin: String,
     token: Option<String>,
     max_body: u64,
 }
@@ -113,6 +115,7 @@ impl PlatformClient {
         Ok(PlatformClient {
             http,
             base: format!("{url}{}", cfg.api_prefix),
+            origin: origin_of(url),
             token,
             max_body: cfg.max_response_bytes,
         })
@@ -151,15 +154,61 @@ impl PlatformClient {
         body: &Req,
     ) -> Result<Resp> {
         let url = format!("{}{}", self.base, path);
-        let mut req = self
+        let req = self
             .http
             .post(&url)
             .header(reqwest::header::ACCEPT, "application/json")
             .json(body);
+        let body = self.send(req, &url).await?;
+        decode(body.0, &body.1).map_err(|e| with_retry_after(e, body.2))
+    }
+
+    /// GET `path` (relative to the API prefix) and decode the envelope's data.
+    pub async fn get<Resp: DeserializeOwned>(&self, path: &str) -> Result<Resp> {
+        let url = format!("{}{}", self.base, path);
+        let req = self
+            .http
+            .get(&url)
+            .header(reqwest::header::ACCEPT, "application/json");
+        let body = self.send(req, &url).await?;
+        decode(body.0, &body.1).map_err(|e| with_retry_after(e, body.2))
+    }
+
+    /// GET a URL the platform handed out (an absolute path on the platform, or a full URL on
+    /// the same origin) and return the raw body. Other hosts are refused.
+    pub async fn get_raw(&self, url: &str) -> Result<Vec<u8>> {
+        let full = on_origin(&self.origin, url).ok_or_else(|| {
+            Error::malformed(
+                "platform URL",
+                format!("{url:?} is not on the platform {}", self.origin),
+            )
+        })?;
+        let req = self.http.get(&full);
+        let (status, body, retry_after) = self.send(req, &full).await?;
+        if (200..300).contains(&status) {
+            return Ok(body);
+        }
+        // Error replies use the envelope.
+        match decode::<serde_json::Value>(status, &body) {
+            Err(e) => Err(with_retry_after(e, retry_after)),
+            Ok(_) => Err(error_for_status(
+                status,
+                None,
+                retry_after,
+                "unexpected reply",
+            )),
+        }
+    }
+
+    async fn send(
+        &self,
+        mut req: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<(u16, Vec<u8>, Option<Duration>)> {
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }
-        let resp = req.send().await.map_err(|e| send_error(&url, e))?;
+        let resp = req.send().await.map_err(|e| send_error(url, e))?;
         let status = resp.status();
         if status.is_redirection() {
             return Err(Error::Refused {
@@ -177,21 +226,46 @@ impl PlatformClient {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
         let body = read_capped(resp, self.max_body).await?;
-        match decode(status.as_u16(), &body) {
-            Err(Error::Unavailable {
-                status, message, ..
-            }) => Err(Error::Unavailable {
-                status,
-                retry_after,
-                message,
-            }),
-            Err(Error::Refused {
-                status,
-                code,
-                message,
-            }) if status >= 500 => Err(error_for_status(status, code, retry_after, &message)),
-            other => other,
-        }
+        Ok((status.as_u16(), body, retry_after))
+    }
+}
+
+/// `url` as a full URL on `origin`: an absolute path (not `//host`), or a URL starting with
+/// `origin/`. Anything else (another host, a scheme change, a relative path) is `None`.
+fn on_origin(origin: &str, url: &str) -> Option<String> {
+    if url.starts_with('/') && !url.starts_with("//") {
+        return Some(format!("{origin}{url}"));
+    }
+    url.strip_prefix(origin)
+        .filter(|rest| rest.starts_with('/'))
+        .map(|_| url.to_string())
+}
+
+/// `https://host:port` of a URL without its path.
+fn origin_of(url: &str) -> String {
+    let after = url.find("://").map_or(0, |i| i + 3);
+    match url[after..].find('/') {
+        Some(i) => url[..after + i].to_string(),
+        None => url.to_string(),
+    }
+}
+
+/// Attach `Retry-After` to "not ready yet" errors; 5xx refusals become unavailability.
+fn with_retry_after(e: Error, retry_after: Option<Duration>) -> Error {
+    match e {
+        Error::Unavailable {
+            status, message, ..
+        } => Error::Unavailable {
+            status,
+            retry_after,
+            message,
+        },
+        Error::Refused {
+            status,
+            code,
+            message,
+        } if status >= 500 => error_for_status(status, code, retry_after, &message),
+        other => other,
     }
 }
 
@@ -257,6 +331,16 @@ impl InstanceClient {
         let client = self.refresh()?.clone();
         client.post(path, body).await
     }
+
+    pub async fn get<Resp: DeserializeOwned>(&mut self, path: &str) -> Result<Resp> {
+        let client = self.refresh()?.clone();
+        client.get(path).await
+    }
+
+    pub async fn get_raw(&mut self, url: &str) -> Result<Vec<u8>> {
+        let client = self.refresh()?.clone();
+        client.get_raw(url).await
+    }
 }
 
 fn send_error(url: &str, e: reqwest::Error) -> Error {
@@ -304,6 +388,31 @@ async fn read_capped(resp: reqwest::Response, limit: u64) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn platform_urls_stay_on_the_platform() {
+        let o = origin_of("https://p.example:8443/base");
+        assert_eq!(o, "https://p.example:8443");
+        assert_eq!(origin_of("https://p.example"), "https://p.example");
+        assert_eq!(
+            on_origin(&o, "/api/v1/x").as_deref(),
+            Some("https://p.example:8443/api/v1/x")
+        );
+        assert_eq!(
+            on_origin(&o, "https://p.example:8443/f").as_deref(),
+            Some("https://p.example:8443/f")
+        );
+        for bad in [
+            "//evil.example/f",
+            "https://evil.example/f",
+            "https://p.example:8443.evil.example/f",
+            "http://p.example:8443/f",
+            "f",
+            "",
+        ] {
+            assert_eq!(on_origin(&o, bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn refuses_plain_http_and_bad_bundles() {

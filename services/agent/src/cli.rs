@@ -40,11 +40,11 @@ pub enum Command {
     Verify(crate::verify_cmd::VerifyArgs),
     /// Show identity (secrets redacted), PKI and configuration of this node.
     Introspect,
-    /// Attach a module.
+    /// Fetch and verify one assigned module (by id or name); mounting comes later.
     Attach { id: String },
     /// Detach a module.
     Detach { id: String },
-    /// Update modules to their assigned versions.
+    /// Fetch and verify every assigned module into the store (exit 2 if any is refused).
     Update,
     /// Commit a module's upper layer as a new version.
     Commit { id: String },
@@ -139,9 +139,9 @@ fn dispatch(command: Command, paths: &Paths) -> CmdResult {
         )),
         Command::Boot => not_yet("boot", 7),
         Command::Verify(a) => Ok(crate::verify_cmd::run(a, paths)),
-        Command::Attach { .. } => not_yet("attach", 5),
+        Command::Attach { id } => Ok(crate::modules_cmd::run("attach", paths, Some(&id))),
         Command::Detach { .. } => not_yet("detach", 5),
-        Command::Update => not_yet("update", 5),
+        Command::Update => Ok(crate::modules_cmd::run("update", paths, None)),
         Command::Commit { .. } => not_yet("commit", 5),
         Command::Exec { .. } => not_yet("exec", 6),
         Command::Sync => not_yet("sync", 6),

@@ -2,6 +2,7 @@
 //! entry point of every daemon of the suite (so an initramfs can ship one file plus symlinks).
 
 mod cli;
+mod modules_cmd;
 mod multicall;
 mod output;
 mod service;

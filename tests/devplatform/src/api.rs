@@ -13,7 +13,7 @@ use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use futures_util::StreamExt as _;
 use rustls_pki_types::CertificateDer;
@@ -52,6 +52,8 @@ pub struct AppState {
     pub config: ApiConfig,
     /// Fleet events per instance (`events.rs`).
     pub events: crate::events::EventLog,
+    /// State directory (module bundles live under it).
+    pub state_dir: std::path::PathBuf,
 }
 
 /// Facts about the connection a request arrived on, inserted by the server per connection.
@@ -67,7 +69,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/enroll", post(enroll))
         .route("/enroll/refresh", post(refresh))
         .route("/status/heartbeat", post(heartbeat))
-        .route("/fleet/events", post(crate::events::post_events));
+        .route("/fleet/events", post(crate::events::post_events))
+        .route("/modules", get(crate::modules::list))
+        .route("/modules/{id}", get(crate::modules::show))
+        .route("/modules/{id}/download", get(crate::modules::download))
+        .route(
+            "/files/modules/{id}/cosign-bundle",
+            get(crate::modules::cosign_bundle),
+        );
     Router::new()
         .nest(API_PREFIX, api)
         .fallback(not_found)
@@ -87,7 +96,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -141,7 +150,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn success(data: impl Serialize) -> Response {
+pub(crate) fn success(data: impl Serialize) -> Response {
     Json(json!({"success": true, "data": data})).into_response()
 }
 
@@ -162,7 +171,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 }
 
 /// Run blocking store work off the async runtime.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)

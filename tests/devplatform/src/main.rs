@@ -9,6 +9,7 @@ mod ca;
 mod events;
 mod fsutil;
 mod jwt;
+mod modules;
 mod server;
 mod store;
 
@@ -63,6 +64,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Modules: publish a signed EROFS artifact, assign it, list.
+    Module {
+        #[command(subcommand)]
+        command: ModuleCommand,
+    },
     /// List enrolled instances.
     Instances {
         #[arg(long = "state")]
@@ -88,6 +94,48 @@ enum TokenCommand {
         /// Print `{"token","instance_uuid","expires_at"}`.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ModuleCommand {
+    /// Build an EROFS image of ROOTFS_DIR, sign it, push it to the registry and record it.
+    Publish {
+        #[arg(long = "state")]
+        state: PathBuf,
+        /// OCI registry `HOST:PORT` (plain HTTP only on loopback).
+        #[arg(long)]
+        registry: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: String,
+        #[arg(long, default_value = "amd64")]
+        arch: String,
+        /// Leave image.erofs, bundle.sigstore.json, trusted_root.json and signing.pub here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Record this PEM public key as the module's trust policy (default: the signing key).
+        #[arg(long, conflicts_with = "no_policy")]
+        policy_key: Option<PathBuf>,
+        /// Record no trust policy (the agent must then refuse the module).
+        #[arg(long)]
+        no_policy: bool,
+        rootfs: PathBuf,
+    },
+    /// Assign a module (name or id) to an instance.
+    Assign {
+        #[arg(long = "state")]
+        state: PathBuf,
+        #[arg(long)]
+        instance: String,
+        #[arg(long)]
+        module: String,
+    },
+    /// List published modules (JSON).
+    List {
+        #[arg(long = "state")]
+        state: PathBuf,
     },
 }
 
@@ -176,6 +224,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Module { command } => module_command(command),
         Command::Instances { state, json } => {
             let instances = admin::list_instances(&state)?;
             if json {
@@ -183,6 +232,57 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 print!("{}", admin::render_table(&instances));
             }
+            Ok(())
+        }
+    }
+}
+
+fn module_command(command: ModuleCommand) -> Result<()> {
+    match command {
+        ModuleCommand::Publish {
+            state,
+            registry,
+            name,
+            version,
+            arch,
+            out,
+            policy_key,
+            no_policy,
+            rootfs,
+        } => {
+            let args = modules::PublishArgs {
+                state,
+                registry,
+                name,
+                version,
+                arch,
+                rootfs,
+                out,
+                policy_key,
+                no_policy,
+            };
+            let m = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("building tokio runtime")?
+                .block_on(modules::publish(args))?;
+            println!("{}", serde_json::to_string(&m)?);
+            Ok(())
+        }
+        ModuleCommand::Assign {
+            state,
+            instance,
+            module,
+        } => {
+            let id = modules::assign(&state, &instance, &module)?;
+            println!(
+                "{}",
+                serde_json::json!({"instance": instance, "module_id": id})
+            );
+            Ok(())
+        }
+        ModuleCommand::List { state } => {
+            println!("{}", serde_json::to_string(&modules::list_all(&state)?)?);
             Ok(())
         }
     }

@@ -74,6 +74,7 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
         jwt,
         config: opts.config,
         events: crate::events::EventLog::open(&state_dir)?,
+        state_dir: state_dir.clone(),
     });
     let router = api::router(state);
     let acceptor = TlsAcceptor::from(Arc::new(tls));

@@ -36,6 +36,12 @@ pub struct State {
     /// Keyed by instance id.
     #[serde(default)]
     pub instances: BTreeMap<String, Instance>,
+    /// Published modules, keyed by module id (`modules.rs`).
+    #[serde(default)]
+    pub modules: BTreeMap<String, crate::modules::Module>,
+    /// Instance id → assigned module ids, in assignment order.
+    #[serde(default)]
+    pub assignments: BTreeMap<String, Vec<String>>,
 }
 
 /// A single-use bootstrap token. Only the digest of the secret is stored.

@@ -112,7 +112,8 @@ impl DevPlatform {
         std::fs::read_to_string(self.state.with_extension("log")).unwrap_or_default()
     }
 
-    fn cli(&self, args: &[&str]) -> Result<String> {
+    /// Run an admin subcommand on this platform's state (`--state` is appended).
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
         let out = run(Command::new(bin("powernode-devplatform")?)
             .args(args)
             .arg("--state")

@@ -13,6 +13,7 @@ pub mod bus;
 pub mod container;
 pub mod devplatform;
 pub mod metadata;
+pub mod registry;
 pub mod units;
 
 use anyhow::{Context, Result, bail};

@@ -1,0 +1,337 @@
+//! Module assignments from the platform (node-api.md Part A §6–7, Part B §10) and the
+//! fetch + verify step: the Sigstore bundle is checked against the module's trust policy and the
+//! pinned trusted root **before** anything is downloaded, then the EROFS image is pulled into the
+//! content-addressed store and its SHA-256 and fs-verity digests are checked. No policy, no
+//! trusted root, no bundle → refused (fail closed).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::oci::{self, PullError};
+use crate::paths::Paths;
+use crate::transport::InstanceClient;
+use crate::verify::{self, Artifact, Matcher, Policy, PublicKey, TrustedRoot};
+
+/// `GET modules` entry (fields the agent reads; the rest is ignored).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ModuleSummary {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub priority: Option<i64>,
+    #[serde(default)]
+    pub current_version: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ModuleList {
+    #[serde(default)]
+    modules: Vec<ModuleSummary>,
+}
+
+/// `data.module.trust_policy`: a PEM public key, or keyless identity + issuer regexps.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+pub struct TrustPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cosign_identity_regexp: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cosign_issuer_regexp: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ModuleDetail {
+    #[serde(default)]
+    trust_policy: Option<TrustPolicy>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ModuleEnvelope {
+    module: ModuleDetail,
+}
+
+/// `data.oci` of `GET modules/:id/download`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct OciArtifact {
+    #[serde(rename = "ref")]
+    pub reference: String,
+    pub digest: String,
+    #[serde(default)]
+    pub architecture: Option<String>,
+    #[serde(default)]
+    pub fsverity_root_hash: Option<String>,
+    #[serde(default)]
+    pub size_bytes: Option<u64>,
+    #[serde(default)]
+    pub cosign_bundle_url: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Download {
+    #[serde(default)]
+    oci: Option<OciArtifact>,
+}
+
+/// A module image that passed every check and sits in the store.
+#[derive(Debug, Clone, Serialize)]
+pub struct Fetched {
+    pub id: String,
+    pub name: String,
+    /// `sha256:<hex>` of the EROFS image (what the bundle signs).
+    pub image_digest: String,
+    pub manifest_digest: String,
+    pub fsverity_digest: String,
+    pub size_bytes: u64,
+    pub path: PathBuf,
+    pub signer: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModuleError {
+    /// Signature, policy, digest or fs-verity check failed, or no policy: refused.
+    #[error("verification failed for module {module}: {reason}")]
+    Verification { module: String, reason: String },
+    #[error(transparent)]
+    Platform(#[from] crate::Error),
+    #[error("module {module}: {reason}")]
+    Other { module: String, reason: String },
+}
+
+impl ModuleError {
+    pub fn is_verification(&self) -> bool {
+        matches!(self, ModuleError::Verification { .. })
+    }
+}
+
+/// `GET modules`.
+pub async fn assigned(client: &mut InstanceClient) -> crate::Result<Vec<ModuleSummary>> {
+    let list: ModuleList = client.get("/modules").await?;
+    Ok(list.modules)
+}
+
+/// Where the images live under the node root.
+pub fn store_dir(paths: &Paths) -> PathBuf {
+    paths.under(oci::STORE_DIR)
+}
+
+fn local_policy(paths: &Paths, name: &str) -> Option<TrustPolicy> {
+    let p = paths
+        .trust_dir()
+        .join("modules")
+        .join(format!("{name}.pub"));
+    let pem = std::fs::read_to_string(p).ok()?;
+    Some(TrustPolicy {
+        public_key: Some(pem),
+        ..TrustPolicy::default()
+    })
+}
+
+/// The verification policy from a trust policy; incomplete or empty → `None`.
+pub fn policy_from(tp: &TrustPolicy) -> Result<Option<Policy>, String> {
+    if let Some(pem) = tp.public_key.as_deref().filter(|s| !s.trim().is_empty()) {
+        return PublicKey::from_pem(pem)
+            .map(|k| Some(Policy::Key(k)))
+            .map_err(|e| format!("trust policy public key: {e}"));
+    }
+    match (&tp.cosign_identity_regexp, &tp.cosign_issuer_regexp) {
+        (Some(id), Some(iss)) if !id.is_empty() && !iss.is_empty() => Ok(Some(Policy::Identity {
+            identity: Matcher::regex(id).map_err(|e| e.to_string())?,
+            issuer: Matcher::regex(iss).map_err(|e| e.to_string())?,
+        })),
+        _ => Ok(None),
+    }
+}
+
+/// Downloads the bundle, verifies it, pulls the image and checks its digests. Fails closed.
+pub async fn fetch_and_verify(
+    client: &mut InstanceClient,
+    paths: &Paths,
+    module: &ModuleSummary,
+) -> Result<Fetched, ModuleError> {
+    let refuse = |reason: String| ModuleError::Verification {
+        module: module.name.clone(),
+        reason,
+    };
+    let other = |reason: String| ModuleError::Other {
+        module: module.name.clone(),
+        reason,
+    };
+    let detail: ModuleEnvelope = client.get(&format!("/modules/{}", module.id)).await?;
+    let tp = detail
+        .module
+        .trust_policy
+        .filter(|t| *t != TrustPolicy::default())
+        .or_else(|| local_policy(paths, &module.name));
+    let policy = match tp
+        .as_ref()
+        .map(policy_from)
+        .transpose()
+        .map_err(&refuse)?
+        .flatten()
+    {
+        Some(p) => p,
+        None => {
+            return Err(refuse(
+                "no trust policy (neither from the platform nor under /etc/powernode/trust/modules): refusing".into(),
+            ));
+        }
+    };
+    let root_path = paths.trust_dir().join("trusted_root.json");
+    let root_json = std::fs::read(&root_path)
+        .map_err(|e| refuse(format!("trusted root {}: {e}", root_path.display())))?;
+    let root = TrustedRoot::from_json(&root_json).map_err(|e| refuse(e.to_string()))?;
+
+    let dl: Download = client
+        .get(&format!("/modules/{}/download", module.id))
+        .await?;
+    let art = dl
+        .oci
+        .ok_or_else(|| other("the platform has no OCI artifact for this module".into()))?;
+    let bundle_url = art
+        .cosign_bundle_url
+        .as_deref()
+        .ok_or_else(|| refuse("no signature bundle (cosign_bundle_url) offered".into()))?;
+    let bundle_json = client.get_raw(bundle_url).await?;
+    let bundle = verify::Bundle::from_json(&bundle_json).map_err(|e| refuse(e.to_string()))?;
+
+    let reference = oci::pinned_reference(&art.reference, &art.digest)
+        .map_err(|e| pull_err(e, &refuse, &other))?;
+    let registry = reference.registry().to_string();
+    let oc = oci::client_for(&registry);
+    let manifest = oci::pull_manifest(&oc, &reference)
+        .await
+        .map_err(|e| pull_err(e, &refuse, &other))?;
+    let layer = manifest
+        .layers
+        .iter()
+        .find(|l| l.media_type == oci::MODULE_EROFS_MEDIA_TYPE)
+        .ok_or_else(|| {
+            other(format!(
+                "artifact has no {} layer",
+                oci::MODULE_EROFS_MEDIA_TYPE
+            ))
+        })?
+        .clone();
+    let want_fsverity = layer
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(oci::ANNOTATION_FSVERITY))
+        .cloned()
+        .ok_or_else(|| refuse("image layer carries no fs-verity digest annotation".into()))?;
+    if let Some(platform) = &art.fsverity_root_hash
+        && *platform != want_fsverity
+    {
+        return Err(refuse(format!(
+            "fs-verity digest differs between platform ({platform}) and artifact ({want_fsverity})"
+        )));
+    }
+    if let Some(size) = art.size_bytes
+        && i64::try_from(size).ok() != Some(layer.size)
+    {
+        return Err(refuse(format!(
+            "image size differs between platform ({size}) and artifact ({})",
+            layer.size
+        )));
+    }
+    let artifact = Artifact::parse_digest(&layer.digest)
+        .ok_or_else(|| refuse(format!("unsupported layer digest {}", layer.digest)))?;
+    let verified = verify::verify(&root, &bundle, &artifact, &policy)
+        .map_err(|e| refuse(format!("signature bundle: {e}")))?;
+
+    let store = store_dir(paths);
+    let path = oci::pull_blob_to_store(&oc, &reference, &layer, &store)
+        .await
+        .map_err(|e| pull_err(e, &refuse, &other))?;
+    let fsv = fsverity_of(&path).await.map_err(|e| other(e.to_string()))?;
+    if fsv != want_fsverity {
+        // The bytes hash right but the annotation lies: do not keep it under its address.
+        let _ = std::fs::remove_file(&path);
+        return Err(refuse(format!(
+            "fs-verity digest of the image is {fsv}, the artifact says {want_fsverity}"
+        )));
+    }
+    Ok(Fetched {
+        id: module.id.clone(),
+        name: module.name.clone(),
+        image_digest: layer.digest.clone(),
+        manifest_digest: art.digest.clone(),
+        fsverity_digest: fsv,
+        size_bytes: u64::try_from(layer.size).unwrap_or(0),
+        path,
+        signer: verified.identity,
+    })
+}
+
+fn pull_err(
+    e: PullError,
+    refuse: &impl Fn(String) -> ModuleError,
+    other: &impl Fn(String) -> ModuleError,
+) -> ModuleError {
+    match e {
+        PullError::Integrity(m) => refuse(m),
+        PullError::Registry(m) | PullError::Io(m) => other(m),
+    }
+}
+
+async fn fsverity_of(path: &Path) -> std::io::Result<String> {
+    let p = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        crate::fsverity::digest_file(&p).map(|d| crate::fsverity::format(&d))
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies() {
+        assert!(policy_from(&TrustPolicy::default()).expect("ok").is_none());
+        let only_identity = TrustPolicy {
+            cosign_identity_regexp: Some("^https://ci/".into()),
+            ..TrustPolicy::default()
+        };
+        assert!(
+            policy_from(&only_identity).expect("ok").is_none(),
+            "incomplete = none"
+        );
+        let keyless = TrustPolicy {
+            cosign_identity_regexp: Some("^https://ci/".into()),
+            cosign_issuer_regexp: Some("^https://issuer$".into()),
+            ..TrustPolicy::default()
+        };
+        assert!(matches!(
+            policy_from(&keyless).expect("ok"),
+            Some(Policy::Identity { .. })
+        ));
+        let bad_key = TrustPolicy {
+            public_key: Some("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n".into()),
+            ..TrustPolicy::default()
+        };
+        assert!(policy_from(&bad_key).is_err());
+        let bad_regex = TrustPolicy {
+            cosign_identity_regexp: Some("(".into()),
+            cosign_issuer_regexp: Some("x".into()),
+            ..TrustPolicy::default()
+        };
+        assert!(policy_from(&bad_regex).is_err());
+    }
+
+    #[test]
+    fn download_reply_parses_with_unknown_fields() {
+        let d: Download = serde_json::from_str(
+            r#"{"file":{"name":"x"},"oci":{"ref":"r/x:1","digest":"sha256:00","size_bytes":5,"extra":1}}"#,
+        )
+        .expect("parse");
+        let oci = d.oci.expect("oci");
+        assert_eq!(oci.reference, "r/x:1");
+        assert_eq!(oci.size_bytes, Some(5));
+        assert!(oci.cosign_bundle_url.is_none());
+        let none: Download = serde_json::from_str("{}").expect("parse");
+        assert!(none.oci.is_none());
+    }
+}

@@ -1,0 +1,280 @@
+//! Pulling module artifacts from an OCI registry into the content-addressed store
+//! `/persist/cache/modules/<sha256 hex>` (docs/ARCHITECTURE.md §3c, media types there).
+//!
+//! A blob is streamed to a temporary file in the store directory, its SHA-256 and size checked
+//! against the descriptor, fsync'd, and only then renamed to its final name: a truncated or
+//! tampered blob (oci-client has already written the bad bytes when it reports the digest
+//! mismatch) never appears under a content address.
+
+use std::path::{Path, PathBuf};
+
+use aws_lc_rs::digest::{Context, SHA256};
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::manifest::{OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageManifest};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use tokio::io::AsyncWriteExt as _;
+
+/// Artifact type of a module manifest.
+pub const MODULE_ARTIFACT_TYPE: &str = "application/vnd.powernode.module.v1";
+/// Config blob: `{name, version, architecture}`.
+pub const MODULE_CONFIG_MEDIA_TYPE: &str = "application/vnd.powernode.module.config.v1+json";
+/// The module's `manifest.yaml`.
+pub const MODULE_MANIFEST_MEDIA_TYPE: &str = "application/vnd.powernode.module.manifest.v1+yaml";
+/// The EROFS filesystem image (one per architecture).
+pub const MODULE_EROFS_MEDIA_TYPE: &str = "application/vnd.powernode.module.erofs.v1";
+/// Layer annotation: the image's fs-verity digest, `sha256:<hex>`.
+pub const ANNOTATION_FSVERITY: &str = "org.powernode.fsverity.digest";
+/// Layer annotation: the architecture (`amd64`, `arm64`).
+pub const ANNOTATION_ARCH: &str = "org.powernode.architecture";
+
+/// Store location under the node root.
+pub const STORE_DIR: &str = "/persist/cache/modules";
+
+/// Why a pull failed. `Integrity` means the bytes did not match what was asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error("integrity: {0}")]
+    Integrity(String),
+    #[error("registry: {0}")]
+    Registry(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Plain HTTP only for loopback registries (tests, a local mirror); HTTPS everywhere else.
+pub fn client_for(registry: &str) -> Client {
+    let host = registry.rsplit_once(':').map_or(registry, |(h, p)| {
+        if p.chars().all(|c| c.is_ascii_digit()) {
+            h
+        } else {
+            registry
+        }
+    });
+    let loopback = matches!(host, "127.0.0.1" | "localhost" | "[::1]");
+    let protocol = if loopback {
+        ClientProtocol::HttpsExcept(vec![registry.to_string()])
+    } else {
+        ClientProtocol::Https
+    };
+    Client::new(ClientConfig {
+        protocol,
+        ..ClientConfig::default()
+    })
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex(aws_lc_rs::digest::digest(&SHA256, data).as_ref())
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// `sha256:<64 lowercase hex>` → the hex part.
+pub fn digest_hex(digest: &str) -> Result<&str, PullError> {
+    digest
+        .strip_prefix("sha256:")
+        .filter(|h| {
+            h.len() == 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+        .ok_or_else(|| {
+            PullError::Integrity(format!("unsupported digest {digest:?} (want sha256:<hex>)"))
+        })
+}
+
+/// `registry/repo[:tag]` plus a manifest digest → `registry/repo@digest`.
+pub fn pinned_reference(reference: &str, digest: &str) -> Result<Reference, PullError> {
+    digest_hex(digest)?;
+    let r: Reference = reference
+        .parse()
+        .map_err(|e| PullError::Registry(format!("bad reference {reference:?}: {e}")))?;
+    Ok(Reference::with_digest(
+        r.registry().to_string(),
+        r.repository().to_string(),
+        digest.to_string(),
+    ))
+}
+
+/// Fetches the image manifest pinned by digest and checks the bytes hash to that digest.
+pub async fn pull_manifest(
+    client: &Client,
+    reference: &Reference,
+) -> Result<OciImageManifest, PullError> {
+    let want = reference
+        .digest()
+        .ok_or_else(|| PullError::Registry("reference is not pinned by digest".into()))?;
+    let (raw, _) = client
+        .pull_manifest_raw(reference, &RegistryAuth::Anonymous, &[OCI_IMAGE_MEDIA_TYPE])
+        .await
+        .map_err(|e| PullError::Registry(format!("pulling manifest {reference}: {e}")))?;
+    let got = format!("sha256:{}", sha256_hex(&raw));
+    if got != want {
+        return Err(PullError::Integrity(format!(
+            "manifest digest is {got}, expected {want}"
+        )));
+    }
+    serde_json::from_slice(&raw).map_err(|e| {
+        PullError::Registry(format!(
+            "manifest {reference} is not an OCI image manifest: {e}"
+        ))
+    })
+}
+
+/// Streams `layer` into `<store>/<sha256 hex>`: temp file, digest and size verified, fsync,
+/// rename. Already present (and intact) → nothing is downloaded. Returns the final path.
+pub async fn pull_blob_to_store(
+    client: &Client,
+    reference: &Reference,
+    layer: &OciDescriptor,
+    store: &Path,
+) -> Result<PathBuf, PullError> {
+    let want_hex = digest_hex(&layer.digest)?.to_string();
+    let io = |what: &str, p: &Path, e: std::io::Error| {
+        PullError::Io(format!("{what} {}: {e}", p.display()))
+    };
+    tokio::fs::create_dir_all(store)
+        .await
+        .map_err(|e| io("creating", store, e))?;
+    let dest = store.join(&want_hex);
+    if dest.is_file() && file_sha256(&dest).await.ok().as_deref() == Some(want_hex.as_str()) {
+        return Ok(dest);
+    }
+    let tmp = store.join(format!(".{want_hex}.{}.partial", std::process::id()));
+    let result = async {
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .await
+            .map_err(|e| io("creating", &tmp, e))?;
+        let mut w = Capped {
+            inner: tokio::io::BufWriter::new(file),
+            left: u64::try_from(layer.size).unwrap_or(0),
+        };
+        client
+            .pull_blob(reference, layer, &mut w)
+            .await
+            .map_err(|e| match e {
+                oci_client::errors::OciDistributionError::DigestError(d) => {
+                    PullError::Integrity(format!("blob {}: {d}", layer.digest))
+                }
+                other => PullError::Registry(format!("pulling blob {}: {other}", layer.digest)),
+            })?;
+        w.flush().await.map_err(|e| io("writing", &tmp, e))?;
+        let file = w.inner.into_inner();
+        file.sync_all().await.map_err(|e| io("syncing", &tmp, e))?;
+        drop(file);
+        // Belt and braces: check what is on disk, not what the client says it streamed.
+        let meta = tokio::fs::metadata(&tmp)
+            .await
+            .map_err(|e| io("reading", &tmp, e))?;
+        if i64::try_from(meta.len()).ok() != Some(layer.size) {
+            return Err(PullError::Integrity(format!(
+                "blob {} has {} bytes, the manifest says {}",
+                layer.digest,
+                meta.len(),
+                layer.size
+            )));
+        }
+        let got = file_sha256(&tmp)
+            .await
+            .map_err(|e| io("reading", &tmp, e))?;
+        if got != want_hex {
+            return Err(PullError::Integrity(format!(
+                "blob digest is sha256:{got}, expected {}",
+                layer.digest
+            )));
+        }
+        tokio::fs::rename(&tmp, &dest)
+            .await
+            .map_err(|e| io("renaming into", &dest, e))?;
+        crate::fsutil::fsync_dir(store).map_err(|e| PullError::Io(e.to_string()))?;
+        Ok(dest.clone())
+    }
+    .await;
+    if result.is_err() {
+        let _ = tokio::fs::remove_file(&tmp).await;
+    }
+    result
+}
+
+/// A writer that refuses more than `left` bytes: a registry cannot fill the disk by streaming
+/// more than the descriptor announced (the digest check would only fail at the end).
+struct Capped<W> {
+    inner: W,
+    left: u64,
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Capped<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if buf.len() as u64 > self.left {
+            return std::task::Poll::Ready(Err(std::io::Error::other(
+                "blob is larger than its descriptor",
+            )));
+        }
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.left -= *n as u64;
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+async fn file_sha256(path: &Path) -> std::io::Result<String> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read as _;
+        let mut f = std::fs::File::open(&path)?;
+        let mut ctx = Context::new(&SHA256);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            ctx.update(&buf[..n]);
+        }
+        Ok(hex(ctx.finish().as_ref()))
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pinned() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        let r =
+            pinned_reference("127.0.0.1:5000/powernode/modules/web:1.0-amd64", &d).expect("ref");
+        assert_eq!(r.registry(), "127.0.0.1:5000");
+        assert_eq!(r.repository(), "powernode/modules/web");
+        assert_eq!(r.digest(), Some(d.as_str()));
+        assert!(pinned_reference("x/y:1", "md5:abc").is_err());
+        assert!(digest_hex(&format!("sha256:{}", "A".repeat(64))).is_err());
+    }
+}

@@ -1,0 +1,679 @@
+//! Modules (node-api.md Part A §6–7, Part B §10): publishing an EROFS image as a signed OCI
+//! artifact, assignments, and the `GET modules`, `GET modules/:id`, `GET modules/:id/download`
+//! and `GET files/modules/:id/cosign-bundle` endpoints.
+//!
+//! Signing: the platform keeps a test Sigstore setup under `<state>/sigstore/`: a P-256 signing
+//! key (the module trust policy's public key) and a P-256 "transparency log" key. A published
+//! image digest gets a key-based Sigstore bundle v0.1: a `messageSignature` over the image,
+//! one `hashedrekord` 0.0.1 tlog entry (log index 0 of a one-entry log per bundle) with a signed
+//! entry timestamp (SET) by the log key. `trusted_root.json` lists that log key. This is what
+//! `powernode-agent verify --key signing.pub --trusted-root trusted_root.json` accepts.
+//!
+//! Artifact (docs/ARCHITECTURE.md §3c): artifactType `application/vnd.powernode.module.v1`,
+//! config `application/vnd.powernode.module.config.v1+json`, layers `manifest.yaml`
+//! (`application/vnd.powernode.module.manifest.v1+yaml`) and the EROFS image
+//! (`application/vnd.powernode.module.erofs.v1`, annotated `org.powernode.fsverity.digest`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result, bail, ensure};
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair as _};
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
+use oci_client::manifest::{OCI_IMAGE_MEDIA_TYPE, OciImageManifest};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::api::{ApiError, AppState, InstanceAuth, blocking, success};
+use crate::fsutil;
+use crate::store::{Outcome, Store, hex, sha256_hex};
+
+const ARTIFACT_TYPE: &str = "application/vnd.powernode.module.v1";
+const CONFIG_MEDIA_TYPE: &str = "application/vnd.powernode.module.config.v1+json";
+const MANIFEST_MEDIA_TYPE: &str = "application/vnd.powernode.module.manifest.v1+yaml";
+const EROFS_MEDIA_TYPE: &str = "application/vnd.powernode.module.erofs.v1";
+const ANNOTATION_FSVERITY: &str = "org.powernode.fsverity.digest";
+const ANNOTATION_ARCH: &str = "org.powernode.architecture";
+const SIGSTORE_DIR: &str = "sigstore";
+const MODULES_DIR: &str = "modules";
+/// DER prefix of a P-256 SubjectPublicKeyInfo (the uncompressed point follows).
+const P256_SPKI_PREFIX: [u8; 26] = [
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+];
+
+/// The current published artifact of a module.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Artifact {
+    #[serde(rename = "ref")]
+    pub reference: String,
+    /// Manifest digest.
+    pub digest: String,
+    pub architecture: String,
+    pub fsverity_root_hash: String,
+    pub size_bytes: u64,
+    /// `sha256:` of the EROFS image (what the bundle signs).
+    pub image_digest: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Module {
+    pub id: String,
+    pub name: String,
+    pub version: String,
+    pub version_number: u64,
+    pub artifact: Artifact,
+    /// `{public_key}` (PEM) or `{cosign_identity_regexp, cosign_issuer_regexp}`; `None` = none.
+    #[serde(default)]
+    pub trust_policy: Option<Value>,
+}
+
+struct Signer {
+    key: EcdsaKeyPair,
+    spki: Vec<u8>,
+}
+
+impl Signer {
+    /// Load `<dir>/<name>.p8`, generating it on first use.
+    fn load_or_create(dir: &Path, name: &str) -> Result<Signer> {
+        let path = dir.join(format!("{name}.p8"));
+        let pkcs8 = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let doc = EcdsaKeyPair::generate_pkcs8(
+                    &ECDSA_P256_SHA256_ASN1_SIGNING,
+                    &SystemRandom::new(),
+                )
+                .map_err(|_| anyhow::anyhow!("generating a P-256 key"))?;
+                fsutil::write_atomic(&path, doc.as_ref(), fsutil::MODE_SECRET)?;
+                doc.as_ref().to_vec()
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &pkcs8)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let mut spki = P256_SPKI_PREFIX.to_vec();
+        spki.extend_from_slice(key.public_key().as_ref());
+        Ok(Signer { key, spki })
+    }
+
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>> {
+        Ok(self
+            .key
+            .sign(&SystemRandom::new(), msg)
+            .map_err(|_| anyhow::anyhow!("signing"))?
+            .as_ref()
+            .to_vec())
+    }
+
+    fn public_pem(&self) -> String {
+        let b = B64.encode(&self.spki);
+        let mut out = String::from("-----BEGIN PUBLIC KEY-----\n");
+        for chunk in b.as_bytes().chunks(64) {
+            out.push_str(&String::from_utf8_lossy(chunk));
+            out.push('\n');
+        }
+        out.push_str("-----END PUBLIC KEY-----\n");
+        out
+    }
+
+    fn key_id(&self) -> Vec<u8> {
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &self.spki)
+            .as_ref()
+            .to_vec()
+    }
+}
+
+/// The platform's signing key, log key and trusted root (created on first use).
+struct Sigstore {
+    signing: Signer,
+    log: Signer,
+    dir: PathBuf,
+}
+
+impl Sigstore {
+    fn open(state: &Path) -> Result<Sigstore> {
+        let dir = state.join(SIGSTORE_DIR);
+        fsutil::ensure_dir(&dir)?;
+        let s = Sigstore {
+            signing: Signer::load_or_create(&dir, "signing")?,
+            log: Signer::load_or_create(&dir, "log")?,
+            dir,
+        };
+        fsutil::write_atomic(
+            &s.dir.join("signing.pub"),
+            s.signing.public_pem().as_bytes(),
+            fsutil::MODE_PUBLIC,
+        )?;
+        let root = s.trusted_root();
+        fsutil::write_atomic(
+            &s.dir.join("trusted_root.json"),
+            serde_json::to_string_pretty(&root)?.as_bytes(),
+            fsutil::MODE_PUBLIC,
+        )?;
+        Ok(s)
+    }
+
+    fn trusted_root(&self) -> Value {
+        json!({
+            "mediaType": "application/vnd.dev.sigstore.trustedroot+json;version=0.1",
+            "tlogs": [{
+                "baseUrl": "https://devplatform.invalid/rekor",
+                "hashAlgorithm": "SHA2_256",
+                "publicKey": {
+                    "rawBytes": B64.encode(&self.log.spki),
+                    "keyDetails": "PKIX_ECDSA_P256_SHA_256",
+                    "validFor": {"start": "2020-01-01T00:00:00Z"}
+                },
+                "logId": {"keyId": B64.encode(self.log.key_id())}
+            }],
+            "certificateAuthorities": [],
+            "ctlogs": [],
+            "timestampAuthorities": []
+        })
+    }
+
+    /// A key-based Sigstore bundle v0.1 over `image` with a SET from the log key.
+    fn bundle(&self, image: &[u8]) -> Result<Value> {
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, image);
+        let sig = self.signing.sign(image)?;
+        let body = json!({
+            "apiVersion": "0.0.1",
+            "kind": "hashedrekord",
+            "spec": {
+                "data": {"hash": {"algorithm": "sha256", "value": hex(digest.as_ref())}},
+                "signature": {
+                    "content": B64.encode(&sig),
+                    "publicKey": {"content": B64.encode(self.signing.public_pem())}
+                }
+            }
+        });
+        let body_b64 = B64.encode(serde_json::to_vec(&body)?);
+        let integrated = time::OffsetDateTime::now_utc().unix_timestamp();
+        let log_id = self.log.key_id();
+        // Canonical JSON (keys sorted, no whitespace), as Rekor signs it.
+        let set_payload = format!(
+            "{{\"body\":{},\"integratedTime\":{integrated},\"logID\":\"{}\",\"logIndex\":0}}",
+            Value::String(body_b64.clone()),
+            hex(&log_id)
+        );
+        let set = self.log.sign(set_payload.as_bytes())?;
+        Ok(json!({
+            "mediaType": "application/vnd.dev.sigstore.bundle+json;version=0.1",
+            "verificationMaterial": {
+                "publicKey": {"hint": B64.encode(self.signing.key_id())},
+                "tlogEntries": [{
+                    "logIndex": "0",
+                    "logId": {"keyId": B64.encode(&log_id)},
+                    "kindVersion": {"kind": "hashedrekord", "version": "0.0.1"},
+                    "integratedTime": integrated.to_string(),
+                    "inclusionPromise": {"signedEntryTimestamp": B64.encode(&set)},
+                    "canonicalizedBody": body_b64
+                }]
+            },
+            "messageSignature": {
+                "messageDigest": {"algorithm": "SHA2_256", "digest": B64.encode(digest.as_ref())},
+                "signature": B64.encode(&sig)
+            }
+        }))
+    }
+}
+
+/// What `module publish` was asked to do.
+#[derive(Debug)]
+pub struct PublishArgs {
+    pub state: PathBuf,
+    pub registry: String,
+    pub name: String,
+    pub version: String,
+    pub arch: String,
+    pub rootfs: PathBuf,
+    pub out: Option<PathBuf>,
+    /// Record this PEM key as the trust policy instead of the platform's signing key.
+    pub policy_key: Option<PathBuf>,
+    /// Record no trust policy at all (to exercise the agent's fail-closed path).
+    pub no_policy: bool,
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+}
+
+fn fsverity_digest(path: &Path) -> Result<String> {
+    let out = Command::new("fsverity")
+        .args([
+            "digest",
+            "--hash-alg=sha256",
+            "--block-size=4096",
+            "--compact",
+        ])
+        .arg(path)
+        .output()
+        .context("running `fsverity digest` (apt package fsverity)")?;
+    ensure!(
+        out.status.success(),
+        "fsverity digest failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hexd = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    ensure!(
+        hexd.len() == 64 && hexd.bytes().all(|b| b.is_ascii_hexdigit()),
+        "unexpected `fsverity digest` output {hexd:?}"
+    );
+    Ok(format!("sha256:{hexd}"))
+}
+
+fn registry_client(registry: &str) -> Client {
+    let loopback = ["127.0.0.1:", "localhost:", "[::1]:"]
+        .iter()
+        .any(|p| registry.starts_with(p));
+    Client::new(ClientConfig {
+        protocol: if loopback {
+            ClientProtocol::HttpsExcept(vec![registry.to_string()])
+        } else {
+            ClientProtocol::Https
+        },
+        ..ClientConfig::default()
+    })
+}
+
+/// Builds, signs, pushes and records a module version. Returns the stored module.
+pub async fn publish(a: PublishArgs) -> Result<Module> {
+    ensure!(valid_name(&a.name), "invalid module name {:?}", a.name);
+    ensure!(valid_name(&a.version), "invalid version {:?}", a.version);
+    ensure!(
+        a.rootfs.is_dir(),
+        "{} is not a directory",
+        a.rootfs.display()
+    );
+    let store = Store::open(&a.state)?;
+    let sig = Sigstore::open(&a.state)?;
+    let work = WorkDir(tempfile_dir(&a.state)?);
+    let image_path = work.0.join("image.erofs");
+    let out = Command::new("mkfs.erofs")
+        .args(["--quiet", "--all-root", "-T0"])
+        .arg(&image_path)
+        .arg(&a.rootfs)
+        .output()
+        .context("running mkfs.erofs (apt package erofs-utils)")?;
+    ensure!(
+        out.status.success(),
+        "mkfs.erofs failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image = std::fs::read(&image_path)?;
+    let image_digest = format!("sha256:{}", sha256_hex(&image));
+    let fsverity = fsverity_digest(&image_path)?;
+    let bundle = sig.bundle(&image)?;
+
+    let manifest_yaml = format!(
+        "name: {}\nversion: {}\narchitecture: {}\n",
+        a.name, a.version, a.arch
+    );
+    let mut annotations = BTreeMap::new();
+    annotations.insert(ANNOTATION_FSVERITY.to_string(), fsverity.clone());
+    annotations.insert(ANNOTATION_ARCH.to_string(), a.arch.clone());
+    annotations.insert(
+        "org.opencontainers.image.title".to_string(),
+        format!("{}-{}-{}.erofs", a.name, a.version, a.arch),
+    );
+    let layers = vec![
+        ImageLayer::new(
+            manifest_yaml.into_bytes(),
+            MANIFEST_MEDIA_TYPE.to_string(),
+            None,
+        ),
+        ImageLayer::new(
+            image.clone(),
+            EROFS_MEDIA_TYPE.to_string(),
+            Some(annotations),
+        ),
+    ];
+    let config = Config::new(
+        serde_json::to_vec(&json!({"name": a.name, "version": a.version, "architecture": a.arch}))?,
+        CONFIG_MEDIA_TYPE.to_string(),
+        None,
+    );
+    let mut manifest = OciImageManifest::build(&layers, &config, None);
+    manifest.artifact_type = Some(ARTIFACT_TYPE.to_string());
+    manifest.media_type = Some(OCI_IMAGE_MEDIA_TYPE.to_string());
+    let repo_ref = format!(
+        "{}/powernode/modules/{}:{}-{}",
+        a.registry, a.name, a.version, a.arch
+    );
+    let reference: Reference = repo_ref
+        .parse()
+        .with_context(|| format!("reference {repo_ref}"))?;
+    let client = registry_client(&a.registry);
+    client
+        .push(
+            &reference,
+            &layers,
+            config,
+            &RegistryAuth::Anonymous,
+            Some(manifest),
+        )
+        .await
+        .with_context(|| format!("pushing {repo_ref}"))?;
+    // The registry's digest of the canonical bytes it stored (not our serialisation).
+    let (raw, _) = client
+        .pull_manifest_raw(
+            &reference,
+            &RegistryAuth::Anonymous,
+            &[OCI_IMAGE_MEDIA_TYPE],
+        )
+        .await
+        .with_context(|| format!("reading back {repo_ref}"))?;
+    let manifest_digest = format!("sha256:{}", sha256_hex(&raw));
+
+    let trust_policy = if a.no_policy {
+        None
+    } else if let Some(p) = &a.policy_key {
+        let pem = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        Some(json!({"public_key": pem}))
+    } else {
+        Some(json!({"public_key": sig.signing.public_pem()}))
+    };
+    let artifact = Artifact {
+        reference: repo_ref.clone(),
+        digest: manifest_digest,
+        architecture: a.arch.clone(),
+        fsverity_root_hash: fsverity,
+        size_bytes: image.len() as u64,
+        image_digest,
+    };
+    let bundle_bytes = serde_json::to_vec_pretty(&bundle)?;
+    let state_dir = a.state.clone();
+    let module = store.transact(|s| {
+        let existing = s.modules.values().find(|m| m.name == a.name).cloned();
+        let id = existing
+            .as_ref()
+            .map_or_else(|| uuid::Uuid::new_v4().to_string(), |m| m.id.clone());
+        let module = Module {
+            id: id.clone(),
+            name: a.name.clone(),
+            version: a.version.clone(),
+            version_number: existing.map_or(1, |m| m.version_number + 1),
+            artifact,
+            trust_policy,
+        };
+        let dir = state_dir.join(MODULES_DIR).join(&id);
+        fsutil::ensure_dir(&dir)?;
+        fsutil::write_atomic(
+            &dir.join("bundle.sigstore.json"),
+            &bundle_bytes,
+            fsutil::MODE_PUBLIC,
+        )?;
+        s.modules.insert(id, module.clone());
+        Ok::<_, anyhow::Error>((module, Outcome::Changed))
+    })?;
+
+    if let Some(out) = &a.out {
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        std::fs::copy(&image_path, out.join("image.erofs"))?;
+        std::fs::write(out.join("bundle.sigstore.json"), &bundle_bytes)?;
+        std::fs::copy(
+            sig.dir.join("trusted_root.json"),
+            out.join("trusted_root.json"),
+        )?;
+        std::fs::copy(sig.dir.join("signing.pub"), out.join("signing.pub"))?;
+    }
+    Ok(module)
+}
+
+/// The build directory, removed however `publish` ends.
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
+}
+
+fn tempfile_dir(state: &Path) -> Result<PathBuf> {
+    let dir = state.join(MODULES_DIR).join(format!(
+        ".work-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4()
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// `module assign`: add the module (by name or id) to the instance's assignments.
+pub fn assign(state: &Path, instance: &str, module: &str) -> Result<String> {
+    let store = Store::open(state)?;
+    store.transact(|s| {
+        if !s.instances.contains_key(instance) {
+            bail!("no enrolled instance {instance}");
+        }
+        let Some(id) = s
+            .modules
+            .values()
+            .find(|m| m.name == module || m.id == module)
+            .map(|m| m.id.clone())
+        else {
+            bail!("no module {module}");
+        };
+        let list = s.assignments.entry(instance.to_string()).or_default();
+        if list.contains(&id) {
+            return Ok((id, Outcome::Unchanged));
+        }
+        list.push(id.clone());
+        Ok((id, Outcome::Changed))
+    })
+}
+
+/// `module list`.
+pub fn list_all(state: &Path) -> Result<Vec<Module>> {
+    Ok(Store::open(state)?.read()?.modules.into_values().collect())
+}
+
+fn summary(m: &Module, priority: usize) -> Value {
+    json!({
+        "id": m.id,
+        "name": m.name,
+        "variety": "erofs",
+        "priority": priority,
+        "effective_priority": priority,
+        "category_id": null,
+        "parent_module_id": null,
+        "reboot_required": false,
+        "copy_path_destination": null,
+        "has_data_file": true,
+        "current_version": m.version_number,
+        "dependencies": [],
+    })
+}
+
+fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "Module not found")
+}
+
+/// The module if it is assigned to this instance.
+fn assigned(state: &AppState, instance: &str, id: &str) -> Result<Module, ApiError> {
+    let s = state.store.read()?;
+    let ok = s
+        .assignments
+        .get(instance)
+        .is_some_and(|l| l.iter().any(|m| m == id));
+    match s.modules.get(id) {
+        Some(m) if ok => Ok(m.clone()),
+        _ => Err(not_found()),
+    }
+}
+
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    auth: InstanceAuth,
+) -> Result<Response, ApiError> {
+    let st = state.clone();
+    let modules = blocking(move || {
+        let s = st.store.read()?;
+        Ok(s.assignments
+            .get(&auth.instance_id)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| s.modules.get(id))
+                    .enumerate()
+                    .map(|(i, m)| summary(m, i + 1))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default())
+    })
+    .await?;
+    Ok(success(json!({"count": modules.len(), "modules": modules})))
+}
+
+pub async fn show(
+    State(state): State<Arc<AppState>>,
+    auth: InstanceAuth,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    let st = state.clone();
+    let m = blocking(move || assigned(&st, &auth.instance_id, &id)).await?;
+    let mut module = summary(&m, 1);
+    if let Some(o) = module.as_object_mut() {
+        o.insert(
+            "description".into(),
+            json!(format!("{} {}", m.name, m.version)),
+        );
+        o.insert("version".into(), json!(m.version));
+        o.insert(
+            "trust_policy".into(),
+            m.trust_policy.clone().unwrap_or(Value::Null),
+        );
+        for k in [
+            "mask",
+            "file_spec",
+            "package_spec",
+            "dependency_spec",
+            "protected_spec",
+        ] {
+            o.insert(k.into(), json!([]));
+        }
+        o.insert("services".into(), json!([]));
+        o.insert("config".into(), json!({}));
+    }
+    Ok(success(json!({"module": module})))
+}
+
+pub async fn download(
+    State(state): State<Arc<AppState>>,
+    auth: InstanceAuth,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    let st = state.clone();
+    let m = blocking(move || assigned(&st, &auth.instance_id, &id)).await?;
+    let a = &m.artifact;
+    Ok(success(json!({
+        "oci": {
+            "ref": a.reference,
+            "digest": a.digest,
+            "architecture": a.architecture,
+            "fsverity_root_hash": a.fsverity_root_hash,
+            "size_bytes": a.size_bytes,
+            "cosign_bundle_url": format!("{}/files/modules/{}/cosign-bundle", crate::api::API_PREFIX, m.id),
+        }
+    })))
+}
+
+pub async fn cosign_bundle(
+    State(state): State<Arc<AppState>>,
+    auth: InstanceAuth,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    let st = state.clone();
+    let bytes = blocking(move || {
+        let m = assigned(&st, &auth.instance_id, &id)?;
+        let p = st
+            .state_dir
+            .join(MODULES_DIR)
+            .join(&m.id)
+            .join("bundle.sigstore.json");
+        std::fs::read(&p)
+            .with_context(|| format!("reading {}", p.display()))
+            .map_err(ApiError::from)
+    })
+    .await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/vnd.dev.sigstore.bundle+json;version=0.1",
+        )],
+        bytes,
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["hello", "web-1", "a.b_c", "1x"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["", "-x", "Hello", "a/b", "a b", &"x".repeat(65)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn keys_persist_and_bundle_has_a_valid_set() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = Sigstore::open(dir.path()).expect("open");
+        let b = Sigstore::open(dir.path()).expect("reopen");
+        assert_eq!(a.signing.spki, b.signing.spki, "signing key persisted");
+        assert_eq!(a.log.spki, b.log.spki, "log key persisted");
+        assert_ne!(a.signing.spki, a.log.spki);
+        let bundle = a.bundle(b"image bytes").expect("bundle");
+        let e = &bundle["verificationMaterial"]["tlogEntries"][0];
+        let payload = format!(
+            "{{\"body\":{},\"integratedTime\":{},\"logID\":\"{}\",\"logIndex\":0}}",
+            e["canonicalizedBody"],
+            e["integratedTime"].as_str().expect("time"),
+            hex(&a.log.key_id())
+        );
+        let set = B64
+            .decode(
+                e["inclusionPromise"]["signedEntryTimestamp"]
+                    .as_str()
+                    .expect("set"),
+            )
+            .expect("b64");
+        aws_lc_rs::signature::UnparsedPublicKey::new(
+            &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
+            a.log.key.public_key().as_ref(),
+        )
+        .verify(payload.as_bytes(), &set)
+        .expect("SET verifies with the log key");
+        let root = a.trusted_root();
+        assert_eq!(
+            root["tlogs"][0]["logId"]["keyId"],
+            Value::String(B64.encode(a.log.key_id()))
+        );
+    }
+
+    #[test]
+    fn assign_needs_instance_and_module() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = assign(dir.path(), "i-1", "hello").expect_err("no instance");
+        assert!(err.to_string().contains("no enrolled instance"), "{err}");
+    }
+}

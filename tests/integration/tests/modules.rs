@@ -1,0 +1,438 @@
+//! Module publishing and the node-side pull + verify, on the host with real parts: Debian's
+//! `docker-registry`, the development platform (`module publish` runs mkfs.erofs and
+//! `fsverity digest`, signs, pushes with oci-client), a node enrolled with the CLI, and
+//! `powernode-agent update` fetching and verifying in-process.
+
+#![allow(clippy::unwrap_used)] // test fixtures: a panic is the failure report
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use anyhow::{Context, Result, ensure};
+use powernode_integration_tests::devplatform::DevPlatform;
+use powernode_integration_tests::registry::Registry;
+use powernode_integration_tests::{bin, describe, require_tool, run};
+use serde_json::Value;
+
+struct Node {
+    registry: Registry,
+    platform: DevPlatform,
+    instance: String,
+    root: tempfile::TempDir,
+    work: tempfile::TempDir,
+}
+
+impl Node {
+    fn start() -> Result<Node> {
+        for tool in ["mkfs.erofs", "fsverity"] {
+            require_tool(tool)?;
+        }
+        let registry = Registry::start()?;
+        let platform = DevPlatform::start(&[])?;
+        let token = platform.token(None)?;
+        let root = tempfile::Builder::new().prefix("pn-mod-node-").tempdir()?;
+        let r = root.path();
+        fs::create_dir_all(r.join("proc/sys/kernel/random"))?;
+        for f in ["loadavg", "meminfo", "uptime", "sys/kernel/random/boot_id"] {
+            symlink(Path::new("/proc").join(f), r.join("proc").join(f))?;
+        }
+        fs::create_dir_all(r.join("etc/powernode/trust"))?;
+        let out = run(Command::new(bin("powernode-agent")?)
+            .arg("enroll")
+            .arg(format!("--token={}", token.token))
+            .args([
+                "--platform-url",
+                &platform.url,
+                "--subject",
+                &token.instance_uuid,
+                "--root",
+            ])
+            .arg(r)
+            .arg("--ca")
+            .arg(&platform.ca_path))?;
+        ensure!(out.status.success(), "enroll: {}", describe(&out));
+        let work = tempfile::Builder::new().prefix("pn-mod-work-").tempdir()?;
+        let rootfs = work.path().join("rootfs");
+        fs::create_dir_all(rootfs.join("usr/bin"))?;
+        fs::create_dir_all(rootfs.join("etc/hello"))?;
+        fs::write(rootfs.join("usr/bin/hello"), "#!/bin/sh\necho hello\n")?;
+        fs::write(rootfs.join("etc/hello/big.dat"), vec![0x42u8; 300_000])?;
+        fs::write(rootfs.join("etc/hello/hello.conf"), "greeting = hi\n")?;
+        Ok(Node {
+            registry,
+            platform,
+            instance: token.instance_uuid,
+            root,
+            work,
+        })
+    }
+
+    fn rootfs(&self) -> PathBuf {
+        self.work.path().join("rootfs")
+    }
+
+    /// `module publish` (+ extra flags) and `module assign`; returns the stored module record.
+    fn publish_and_assign(&self, name: &str, extra: &[&str]) -> Result<Value> {
+        let out_dir = self.work.path().join(format!("out-{name}"));
+        let rootfs = self.rootfs();
+        let mut args = vec![
+            "module",
+            "publish",
+            "--registry",
+            &self.registry.addr,
+            "--name",
+            name,
+            "--version",
+            "1.0.0",
+            "--out",
+            out_dir.to_str().context("utf-8 path")?,
+        ];
+        args.extend_from_slice(extra);
+        args.push(rootfs.to_str().context("utf-8 path")?);
+        let m: Value = serde_json::from_str(&self.platform.cli(&args)?)?;
+        self.platform.cli(&[
+            "module",
+            "assign",
+            "--instance",
+            &self.instance,
+            "--module",
+            name,
+        ])?;
+        Ok(m)
+    }
+
+    /// Pin the platform's trusted root on the node (provisioning does this in production).
+    fn pin_trusted_root(&self) -> Result<()> {
+        fs::copy(
+            self.platform.state.join("sigstore/trusted_root.json"),
+            self.root
+                .path()
+                .join("etc/powernode/trust/trusted_root.json"),
+        )?;
+        Ok(())
+    }
+
+    fn update(&self) -> Result<(Output, Value)> {
+        let out = run(Command::new(bin("powernode-agent")?)
+            .args(["update", "--json", "--root"])
+            .arg(self.root.path()))?;
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("update output: {}", describe(&out)))?;
+        Ok((out, v))
+    }
+
+    fn store(&self) -> PathBuf {
+        self.root.path().join("persist/cache/modules")
+    }
+
+    /// Every file under the store (names), temporary ones included.
+    fn store_entries(&self) -> Vec<String> {
+        fs::read_dir(self.store())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn fsverity_tool(path: &Path) -> Result<String> {
+    let out = run(Command::new("fsverity").arg("digest").arg(path))?;
+    ensure!(out.status.success(), "fsverity digest: {}", describe(&out));
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+#[test]
+fn published_module_is_pulled_verified_and_stored() -> Result<()> {
+    let node = Node::start()?;
+    let m = node.publish_and_assign("hello", &[])?;
+    node.pin_trusted_root()?;
+    let image_digest = m["artifact"]["image_digest"]
+        .as_str()
+        .context("image_digest")?;
+    let fsverity = m["artifact"]["fsverity_root_hash"]
+        .as_str()
+        .context("fsverity")?;
+
+    let (out, v) = node.update()?;
+    ensure!(out.status.success(), "update: {}", describe(&out));
+    let fetched = &v["modules"][0];
+    ensure!(
+        fetched["name"] == "hello" && fetched["image_digest"] == image_digest,
+        "{v}"
+    );
+    ensure!(fetched["fsverity_digest"] == fsverity, "{v}");
+
+    // The blob sits under its content address, with the right bytes.
+    let hex = image_digest.trim_start_matches("sha256:");
+    let stored = node.store().join(hex);
+    let bytes = fs::read(&stored).with_context(|| format!("{}", stored.display()))?;
+    ensure!(
+        powernode::oci::sha256_hex(&bytes) == hex,
+        "stored bytes differ"
+    );
+    ensure!(
+        fsverity_tool(&stored)? == fsverity,
+        "fs-verity digest differs"
+    );
+    ensure!(
+        powernode::fsverity::format(&powernode::fsverity::digest_file(&stored)?) == fsverity,
+        "userspace fs-verity digest differs from the tool's"
+    );
+    ensure!(
+        node.store_entries() == vec![hex.to_string()],
+        "{:?}",
+        node.store_entries()
+    );
+
+    // The --out artifacts verify with the CLI verifier.
+    let out_dir = node.work.path().join("out-hello");
+    let out = run(Command::new(bin("powernode-agent")?)
+        .arg("verify")
+        .arg(out_dir.join("image.erofs"))
+        .arg("--bundle")
+        .arg(out_dir.join("bundle.sigstore.json"))
+        .arg("--key")
+        .arg(out_dir.join("signing.pub"))
+        .arg("--trusted-root")
+        .arg(out_dir.join("trusted_root.json")))?;
+    ensure!(out.status.code() == Some(0), "verify: {}", describe(&out));
+    // And by digest only.
+    let out = run(Command::new(bin("powernode-agent")?)
+        .arg("verify")
+        .arg(image_digest)
+        .arg("--bundle")
+        .arg(out_dir.join("bundle.sigstore.json"))
+        .arg("--key")
+        .arg(out_dir.join("signing.pub"))
+        .arg("--trusted-root")
+        .arg(out_dir.join("trusted_root.json")))?;
+    ensure!(
+        out.status.code() == Some(0),
+        "verify digest: {}",
+        describe(&out)
+    );
+
+    // A second update finds the blob already in place and succeeds again.
+    let (out, _) = node.update()?;
+    ensure!(out.status.success(), "second update: {}", describe(&out));
+
+    // A new version of the same module (same id) replaces the assignment's artifact.
+    fs::write(
+        node.rootfs().join("etc/hello/hello.conf"),
+        "greeting = hello\n",
+    )?;
+    let rootfs = node.rootfs();
+    let m2: Value = serde_json::from_str(&node.platform.cli(&[
+        "module",
+        "publish",
+        "--registry",
+        &node.registry.addr,
+        "--name",
+        "hello",
+        "--version",
+        "1.1.0",
+        rootfs.to_str().context("utf-8 path")?,
+    ])?)?;
+    ensure!(m2["id"] == m["id"] && m2["version_number"] == 2, "{m2}");
+    let d2 = m2["artifact"]["image_digest"].as_str().context("digest")?;
+    ensure!(d2 != image_digest, "a changed tree gives a new image");
+    let (out, v) = node.update()?;
+    ensure!(out.status.success(), "update to 1.1.0: {}", describe(&out));
+    ensure!(v["modules"][0]["image_digest"] == d2, "{v}");
+    ensure!(
+        node.store()
+            .join(d2.trim_start_matches("sha256:"))
+            .is_file(),
+        "new image stored"
+    );
+    Ok(())
+}
+
+#[test]
+fn tampered_blob_in_the_registry_is_refused_and_nothing_is_stored() -> Result<()> {
+    let node = Node::start()?;
+    let m = node.publish_and_assign("hello", &[])?;
+    node.pin_trusted_root()?;
+    let digest = m["artifact"]["image_digest"].as_str().context("digest")?;
+    let blob = node.registry.blob_path(digest)?;
+    let mut bytes = fs::read(&blob)?;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    fs::write(&blob, &bytes)?;
+
+    let (out, v) = node.update()?;
+    ensure!(out.status.code() == Some(2), "update: {}", describe(&out));
+    let err = v["error"].as_str().unwrap_or_default();
+    ensure!(
+        err.contains("verification failed") && err.to_lowercase().contains("digest"),
+        "{v}"
+    );
+    ensure!(
+        node.store_entries().is_empty(),
+        "store: {:?}",
+        node.store_entries()
+    );
+    Ok(())
+}
+
+#[test]
+fn truncated_blob_in_the_registry_is_refused() -> Result<()> {
+    let node = Node::start()?;
+    let m = node.publish_and_assign("hello", &[])?;
+    node.pin_trusted_root()?;
+    let digest = m["artifact"]["image_digest"].as_str().context("digest")?;
+    let blob = node.registry.blob_path(digest)?;
+    let bytes = fs::read(&blob)?;
+    fs::write(&blob, &bytes[..bytes.len() - 100])?;
+    let (out, _) = node.update()?;
+    ensure!(out.status.code() != Some(0), "update: {}", describe(&out));
+    ensure!(
+        node.store_entries().is_empty(),
+        "store: {:?}",
+        node.store_entries()
+    );
+    Ok(())
+}
+
+#[test]
+fn another_key_in_the_trust_policy_is_refused() -> Result<()> {
+    let node = Node::start()?;
+    let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let other_pem = node.work.path().join("other.pub");
+    fs::write(&other_pem, other.public_key_pem())?;
+    node.publish_and_assign(
+        "hello",
+        &["--policy-key", other_pem.to_str().context("utf-8")?],
+    )?;
+    node.pin_trusted_root()?;
+    let (out, v) = node.update()?;
+    ensure!(out.status.code() == Some(2), "update: {}", describe(&out));
+    ensure!(
+        v["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("signature"),
+        "{v}"
+    );
+    ensure!(
+        node.store_entries().is_empty(),
+        "store: {:?}",
+        node.store_entries()
+    );
+
+    // The same bundle with the other key through the verify CLI: exit 2 too.
+    let out_dir = node.work.path().join("out-hello");
+    let out = run(Command::new(bin("powernode-agent")?)
+        .arg("verify")
+        .arg(out_dir.join("image.erofs"))
+        .arg("--bundle")
+        .arg(out_dir.join("bundle.sigstore.json"))
+        .arg("--key")
+        .arg(&other_pem)
+        .arg("--trusted-root")
+        .arg(out_dir.join("trusted_root.json")))?;
+    ensure!(out.status.code() == Some(2), "verify: {}", describe(&out));
+    Ok(())
+}
+
+#[test]
+fn missing_policy_or_trusted_root_is_refused() -> Result<()> {
+    let node = Node::start()?;
+    node.publish_and_assign("hello", &["--no-policy"])?;
+    node.pin_trusted_root()?;
+    let (out, v) = node.update()?;
+    ensure!(out.status.code() == Some(2), "update: {}", describe(&out));
+    ensure!(
+        v["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no trust policy"),
+        "{v}"
+    );
+    ensure!(
+        node.store_entries().is_empty(),
+        "store: {:?}",
+        node.store_entries()
+    );
+
+    // A local policy (the platform's key pinned on the node) makes it acceptable.
+    fs::create_dir_all(node.root.path().join("etc/powernode/trust/modules"))?;
+    fs::copy(
+        node.platform.state.join("sigstore/signing.pub"),
+        node.root
+            .path()
+            .join("etc/powernode/trust/modules/hello.pub"),
+    )?;
+    let (out, _) = node.update()?;
+    ensure!(
+        out.status.success(),
+        "update with a local policy: {}",
+        describe(&out)
+    );
+
+    // Without the pinned trusted root: refused.
+    fs::remove_file(
+        node.root
+            .path()
+            .join("etc/powernode/trust/trusted_root.json"),
+    )?;
+    let (out, v) = node.update()?;
+    ensure!(out.status.code() == Some(2), "update: {}", describe(&out));
+    ensure!(
+        v["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("trusted root"),
+        "{v}"
+    );
+    Ok(())
+}
+
+#[test]
+fn bundle_with_a_wrong_signature_is_refused() -> Result<()> {
+    let node = Node::start()?;
+    let m = node.publish_and_assign("hello", &[])?;
+    node.pin_trusted_root()?;
+    let id = m["id"].as_str().context("id")?;
+    // Replace the platform's bundle for this module with one whose signature is altered.
+    let path = node
+        .platform
+        .state
+        .join("modules")
+        .join(id)
+        .join("bundle.sigstore.json");
+    let mut b: Value = serde_json::from_slice(&fs::read(&path)?)?;
+    let sig = b["messageSignature"]["signature"]
+        .as_str()
+        .context("signature")?
+        .to_string();
+    // Flip one base64 character in the middle (still valid base64, different DER bytes).
+    let mut chars: Vec<char> = sig.chars().collect();
+    let i = chars.len() / 2;
+    chars[i] = if chars[i] == 'A' { 'B' } else { 'A' };
+    b["messageSignature"]["signature"] = Value::String(chars.into_iter().collect());
+    fs::write(&path, serde_json::to_vec(&b)?)?;
+    let (out, v) = node.update()?;
+    ensure!(out.status.code() == Some(2), "update: {}", describe(&out));
+    ensure!(
+        v["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("verification failed"),
+        "{v}"
+    );
+    ensure!(
+        node.store_entries().is_empty(),
+        "store: {:?}",
+        node.store_entries()
+    );
+    Ok(())
+}
