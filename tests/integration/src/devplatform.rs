@@ -141,6 +141,38 @@ impl DevPlatform {
         })
     }
 
+    /// A node root enrolled with `powernode-agent enroll --root` against this platform, with the
+    /// kernel facts a heartbeat reads linked from the host's /proc. Returns the root and the
+    /// instance id.
+    pub fn enrolled_node(&self, prefix: &str) -> Result<(tempfile::TempDir, String)> {
+        let token = self.token(None)?;
+        let root = tempfile::Builder::new().prefix(prefix).tempdir()?;
+        let r = root.path();
+        std::fs::create_dir_all(r.join("proc/sys/kernel/random"))?;
+        for f in ["loadavg", "meminfo", "uptime", "sys/kernel/random/boot_id"] {
+            std::os::unix::fs::symlink(Path::new("/proc").join(f), r.join("proc").join(f))?;
+        }
+        std::fs::create_dir_all(r.join("etc/powernode"))?;
+        let out = run(Command::new(bin("powernode-agent")?)
+            .arg("enroll")
+            // `=`: a token may start with '-'.
+            .arg(format!("--token={}", token.token))
+            .args([
+                "--platform-url",
+                &self.url,
+                "--subject",
+                &token.instance_uuid,
+            ])
+            .arg("--root")
+            .arg(r)
+            .arg("--ca")
+            .arg(&self.ca_path))?;
+        if !out.status.success() {
+            bail!("enroll: {}", describe(&out));
+        }
+        Ok((root, token.instance_uuid))
+    }
+
     /// Mint a bootstrap token bound to an existing (or chosen) instance id.
     pub fn token_for(&self, instance_uuid: &str) -> Result<Token> {
         let v: Value = serde_json::from_str(&self.cli(&[

@@ -6,9 +6,8 @@
 #![allow(clippy::unwrap_used)] // test fixtures: a panic is the failure report
 
 use std::fs;
-use std::os::unix::fs::{PermissionsExt, symlink};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -41,38 +40,17 @@ impl Node {
     fn start(cert_ttl: &str) -> Result<Node> {
         let platform = DevPlatform::start(&["--next-poll-seconds", "1", "--cert-ttl", cert_ttl])?;
         let bus = PrivateBus::start()?;
-        let token = platform.token(None)?;
-        let root = tempfile::Builder::new().prefix("pn-cert-").tempdir()?;
-        let r = root.path();
-        fs::create_dir_all(r.join("proc/sys/kernel/random"))?;
-        for f in ["loadavg", "meminfo", "uptime", "sys/kernel/random/boot_id"] {
-            symlink(Path::new("/proc").join(f), r.join("proc").join(f))?;
-        }
-        fs::create_dir_all(r.join("etc/powernode"))?;
+        let (root, instance) = platform.enrolled_node("pn-cert-")?;
         // Short retry deadline so "platform down" fails within the test's patience.
         fs::write(
-            r.join("etc/powernode/agent.toml"),
+            root.path().join("etc/powernode/agent.toml"),
             "[daemon]\nidle_exit_secs = 0\n[heartbeat]\ninterval_secs = 1\n[retry]\ninitial_delay_ms = 100\nmax_delay_ms = 500\ndeadline_secs = 2\n",
         )?;
-        let out = run(Command::new(bin("powernode-agent")?)
-            .arg("enroll")
-            .arg(format!("--token={}", token.token))
-            .args([
-                "--platform-url",
-                &platform.url,
-                "--subject",
-                &token.instance_uuid,
-                "--root",
-            ])
-            .arg(r)
-            .arg("--ca")
-            .arg(&platform.ca_path))?;
-        ensure!(out.status.success(), "enroll: {}", describe(&out));
         let mut node = Node {
             agent: None,
             bus,
             platform,
-            instance: token.instance_uuid,
+            instance,
             root,
         };
         node.start_agent()?;

@@ -110,23 +110,8 @@ impl Node {
     fn start() -> Result<Node> {
         let platform = DevPlatform::start(&[])?;
         let bus = PrivateBus::start()?;
-        let token = platform.token(None)?;
-        let root = tempfile::Builder::new().prefix("pn-events-").tempdir()?;
+        let (root, instance) = platform.enrolled_node("pn-events-")?;
         let r = root.path();
-        let out = run(Command::new(bin("powernode-agent")?)
-            .arg("enroll")
-            .arg(format!("--token={}", token.token))
-            .args([
-                "--platform-url",
-                &platform.url,
-                "--subject",
-                &token.instance_uuid,
-                "--root",
-            ])
-            .arg(r)
-            .arg("--ca")
-            .arg(&platform.ca_path))?;
-        ensure!(out.status.success(), "enroll: {}", describe(&out));
         let outage = Outage::start(&platform.url)?;
         fs::create_dir_all(r.join("etc/powernode"))?;
         // Uploads go through the forwarder; short timeouts and retries so an outage is noticed
@@ -141,7 +126,7 @@ impl Node {
         Ok(Node {
             platform,
             bus,
-            instance: token.instance_uuid,
+            instance,
             root,
             daemon: None,
             outage,

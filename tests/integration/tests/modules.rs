@@ -6,7 +6,6 @@
 #![allow(clippy::unwrap_used)] // test fixtures: a panic is the failure report
 
 use std::fs;
-use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -31,28 +30,8 @@ impl Node {
         }
         let registry = Registry::start()?;
         let platform = DevPlatform::start(&[])?;
-        let token = platform.token(None)?;
-        let root = tempfile::Builder::new().prefix("pn-mod-node-").tempdir()?;
-        let r = root.path();
-        fs::create_dir_all(r.join("proc/sys/kernel/random"))?;
-        for f in ["loadavg", "meminfo", "uptime", "sys/kernel/random/boot_id"] {
-            symlink(Path::new("/proc").join(f), r.join("proc").join(f))?;
-        }
-        fs::create_dir_all(r.join("etc/powernode/trust"))?;
-        let out = run(Command::new(bin("powernode-agent")?)
-            .arg("enroll")
-            .arg(format!("--token={}", token.token))
-            .args([
-                "--platform-url",
-                &platform.url,
-                "--subject",
-                &token.instance_uuid,
-                "--root",
-            ])
-            .arg(r)
-            .arg("--ca")
-            .arg(&platform.ca_path))?;
-        ensure!(out.status.success(), "enroll: {}", describe(&out));
+        let (root, instance) = platform.enrolled_node("pn-mod-node-")?;
+        fs::create_dir_all(root.path().join("etc/powernode/trust"))?;
         let work = tempfile::Builder::new().prefix("pn-mod-work-").tempdir()?;
         let rootfs = work.path().join("rootfs");
         fs::create_dir_all(rootfs.join("usr/bin"))?;
@@ -63,7 +42,7 @@ impl Node {
         Ok(Node {
             registry,
             platform,
-            instance: token.instance_uuid,
+            instance,
             root,
             work,
         })
