@@ -204,6 +204,21 @@ pub trait Timedate1 {
     fn ntp_synchronized(&self) -> zbus::Result<bool>;
 }
 
+/// The interface a daemon serves at `path`, for emitting PropertiesChanged outside a method
+/// call; `None` (logged) if it is not served.
+pub async fn served<I: zbus::object_server::Interface>(
+    conn: &zbus::Connection,
+    path: &str,
+) -> Option<zbus::object_server::InterfaceRef<I>> {
+    match conn.object_server().interface::<_, I>(path).await {
+        Ok(i) => Some(i),
+        Err(e) => {
+            tracing::warn!(path, error = %e, "cannot find the served interface to signal changes");
+            None
+        }
+    }
+}
+
 /// Send a fleet event through fleeteventd without letting its absence or slowness hurt the
 /// caller: the outcome is logged, never returned. The event is also logged with an `event`
 /// field, so the journal has it even when no fleeteventd is installed.

@@ -190,16 +190,9 @@ impl Shared {
     async fn announce(&self) {
         let conn = lock(&self.conn).clone();
         let Some(conn) = conn else { return };
-        let iface = match conn
-            .object_server()
-            .interface::<_, FleetEventService>(FLEETEVENT_PATH)
-            .await
-        {
-            Ok(i) => i,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot find the served interface to signal changes");
-                return;
-            }
+        let Some(iface) = powernode::bus::served::<FleetEventService>(&conn, FLEETEVENT_PATH).await
+        else {
+            return;
         };
         let em = iface.signal_emitter();
         let svc = iface.get().await;

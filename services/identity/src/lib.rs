@@ -103,16 +103,9 @@ impl Shared {
     async fn announce(&self) {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let Some(conn) = conn else { return };
-        let iface = match conn
-            .object_server()
-            .interface::<_, IdentityService>(IDENTITY_PATH)
-            .await
-        {
-            Ok(i) => i,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot find the served interface to signal changes");
-                return;
-            }
+        let Some(iface) = powernode::bus::served::<IdentityService>(&conn, IDENTITY_PATH).await
+        else {
+            return;
         };
         let em = iface.signal_emitter();
         let svc = iface.get().await;

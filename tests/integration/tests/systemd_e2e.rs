@@ -28,12 +28,15 @@ fn property(c: &Container, name: &str, iface: &str, prop: &str) -> Result<String
     Ok(v.trim_matches('"').to_string())
 }
 
-#[test]
-fn node_enrolls_and_heartbeats_under_systemd() -> Result<()> {
-    let platform = DevPlatform::start(&["--next-poll-seconds", "2"])?;
-    let token = platform.token(None)?;
-
-    let tree = tempfile::Builder::new().prefix("pn-e2e-tree-").tempdir()?;
+/// The installed suite plus an identity for `token`: the platform CA under /etc/powernode/trust
+/// and /etc/identity.cfg (root-only: the token is a secret, read by identityd through
+/// CAP_DAC_READ_SEARCH).
+fn node_tree(
+    prefix: &str,
+    platform: &DevPlatform,
+    token: &powernode_integration_tests::devplatform::Token,
+) -> Result<tempfile::TempDir> {
+    let tree = tempfile::Builder::new().prefix(prefix).tempdir()?;
     units::install_tree(tree.path())?;
     write(
         tree.path(),
@@ -41,16 +44,24 @@ fn node_enrolls_and_heartbeats_under_systemd() -> Result<()> {
         &platform.ca_pem,
         0o644,
     )?;
-    // The token is a secret: root-only, read by identityd through CAP_DAC_READ_SEARCH.
     write(
         tree.path(),
         "etc/identity.cfg",
         &format!(
-            "# written by the e2e test\nID={}\nKEY={}\nSERVER={}\nCA_PEM_FILE=/etc/powernode/trust/platform-ca.pem\n",
+            "ID={}\nKEY={}\nSERVER={}\nCA_PEM_FILE=/etc/powernode/trust/platform-ca.pem\n",
             token.instance_uuid, token.token, platform.url
         ),
         0o600,
     )?;
+    Ok(tree)
+}
+
+#[test]
+fn node_enrolls_and_heartbeats_under_systemd() -> Result<()> {
+    let platform = DevPlatform::start(&["--next-poll-seconds", "2"])?;
+    let token = platform.token(None)?;
+
+    let tree = node_tree("pn-e2e-tree-", &platform, &token)?;
     let image = Image::bookworm()?;
     let started = Instant::now();
     let c = Container::boot(
@@ -256,23 +267,7 @@ fn node_enrolls_and_heartbeats_under_systemd() -> Result<()> {
 fn certificates_rotate_on_schedule_under_systemd() -> Result<()> {
     let platform = DevPlatform::start(&["--next-poll-seconds", "1", "--cert-ttl", "60s"])?;
     let token = platform.token(None)?;
-    let tree = tempfile::Builder::new().prefix("pn-e2e-rot-").tempdir()?;
-    units::install_tree(tree.path())?;
-    write(
-        tree.path(),
-        "etc/powernode/trust/platform-ca.pem",
-        &platform.ca_pem,
-        0o644,
-    )?;
-    write(
-        tree.path(),
-        "etc/identity.cfg",
-        &format!(
-            "ID={}\nKEY={}\nSERVER={}\nCA_PEM_FILE=/etc/powernode/trust/platform-ca.pem\n",
-            token.instance_uuid, token.token, platform.url
-        ),
-        0o600,
-    )?;
+    let tree = node_tree("pn-e2e-rot-", &platform, &token)?;
     write(
         tree.path(),
         "etc/systemd/system/powernode-certd-rotate.timer.d/test.conf",
