@@ -168,6 +168,8 @@ pub async fn check(
         RetryPolicy::from(&cfg.retry)
     };
     let mut recovery_error: Option<String> = None;
+    // Only when the recovery path, not the refresh, produced the new credentials.
+    let mut reenrolled = false;
     let mut result = policy
         .run(|_| rotation::rotate(&cfg.platform, &store))
         .await;
@@ -194,6 +196,7 @@ pub async fn check(
         match recovered {
             Ok(meta) => {
                 tracing::info!(event = "system.cert.reenrolled", "re-enrolled after expiry");
+                reenrolled = true;
                 result = Ok(meta);
             }
             // Keep the refresh error (its kind decides the exit code); say why recovery failed.
@@ -216,11 +219,11 @@ pub async fn check(
                     .and_then(rotation::jwt_window);
                 status.renew_at = rfc3339(rotation::renew_at(info, jwt));
             }
-            status.state = if expired { "re-enrolled" } else { "rotated" }.into();
+            status.state = if reenrolled { "re-enrolled" } else { "rotated" }.into();
             tracing::info!(event = "system.cert.rotated", serial = %status.serial, not_after = %meta.not_after, "certificate rotated");
             powernode::bus::emit_event(
                 conn,
-                if expired {
+                if reenrolled {
                     "system.cert.reenrolled"
                 } else {
                     "system.cert.rotated"
