@@ -27,6 +27,7 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub identity: IdentityConfig,
     pub retry: RetryConfig,
+    pub tasks: TasksConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -96,6 +97,37 @@ pub struct IdentityConfig {
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
+pub struct TasksConfig {
+    /// Poll `status/tasks` this often (± 25 %, the upstream cadence); 0 disables tasks.
+    pub poll_secs: u64,
+    /// Tasks executing at once; more claimable tasks wait for the next poll.
+    pub max_concurrent: usize,
+    /// Shell tasks (`custom`, `ssh_command`) without `timeout_seconds` get this long.
+    pub command_timeout_secs: u64,
+    /// Upper bound on any shell task's `timeout_seconds`.
+    pub max_command_timeout_secs: u64,
+    /// Bytes of a shell task's output reported to the platform.
+    pub output_cap_bytes: usize,
+    /// On SIGTERM, in-flight tasks get this long to finish before they are handed back. Keep
+    /// it below the unit's `TimeoutStopSec=`.
+    pub drain_secs: u64,
+}
+
+impl Default for TasksConfig {
+    fn default() -> Self {
+        TasksConfig {
+            poll_secs: 20,
+            max_concurrent: 2,
+            command_timeout_secs: 300,
+            max_command_timeout_secs: 3600,
+            output_cap_bytes: 64 * 1024,
+            drain_secs: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
 pub struct RetryConfig {
     pub initial_delay_ms: u64,
     pub max_delay_ms: u64,
@@ -154,6 +186,16 @@ impl Config {
         if self.heartbeat.jitter_percent > 50 {
             return Err(Error::Config(
                 "heartbeat.jitter_percent must be ≤ 50".into(),
+            ));
+        }
+        if self.tasks.max_concurrent == 0 {
+            return Err(Error::Config("tasks.max_concurrent must be > 0".into()));
+        }
+        if self.tasks.command_timeout_secs == 0
+            || self.tasks.command_timeout_secs > self.tasks.max_command_timeout_secs
+        {
+            return Err(Error::Config(
+                "tasks.command_timeout_secs must be in 1..=max_command_timeout_secs".into(),
             ));
         }
         if !self.platform.api_prefix.starts_with('/') {

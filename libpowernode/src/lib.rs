@@ -27,6 +27,8 @@ pub mod rotation;
 pub mod sandbox;
 pub mod sysinfo;
 pub mod systemd;
+pub mod systemd1;
+pub mod tasks;
 pub mod transport;
 pub mod verify;
 

@@ -146,14 +146,7 @@ pub fn validate_payload(payload: Value) -> Result<Map<String, Value>, EventError
     let Value::Object(map) = payload else {
         return Err(EventError::Payload(format!(
             "got {}",
-            match payload {
-                Value::Null => "null",
-                Value::Bool(_) => "a boolean",
-                Value::Number(_) => "a number",
-                Value::String(_) => "a string",
-                Value::Array(_) => "an array",
-                Value::Object(_) => "an object",
-            }
+            crate::tasks::json_type_name(&payload)
         )));
     };
     let size = serde_json::to_vec(&map)

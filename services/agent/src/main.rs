@@ -6,6 +6,7 @@ mod modules_cmd;
 mod multicall;
 mod output;
 mod service;
+mod tasks;
 mod verify_cmd;
 
 use std::process::ExitCode;

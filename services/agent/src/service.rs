@@ -16,9 +16,12 @@ use powernode::paths::Paths;
 use powernode::pki::{Credentials, PkiStore};
 use powernode::retry::RetryPolicy;
 use powernode::sandbox::Profile;
+use powernode::systemd1::{ShellLimits, SystemdExecutor};
 use powernode::transport::InstanceClient;
 use powernode::{Error, ErrorKind, heartbeat, systemd};
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::{Mutex, Notify, watch};
+
+use crate::tasks::{TaskLoop, TaskStats};
 use zbus::object_server::{InterfaceRef, SignalEmitter};
 
 use crate::cli::ServiceArgs;
@@ -39,6 +42,8 @@ struct State {
 struct AgentIface {
     state: Arc<Mutex<State>>,
     beat_now: Arc<Notify>,
+    tasks: Arc<Mutex<TaskStats>>,
+    poll_tasks: Arc<Notify>,
 }
 
 #[zbus::interface(name = "com.powernode.Agent1")]
@@ -47,6 +52,34 @@ impl AgentIface {
     async fn heartbeat_now(&self) -> Result<(), BusError> {
         self.beat_now.notify_one();
         Ok(())
+    }
+
+    /// Poll the platform for tasks now instead of at the next tick.
+    async fn poll_tasks_now(&self) -> Result<(), BusError> {
+        self.poll_tasks.notify_one();
+        Ok(())
+    }
+
+    /// Tasks claimed and not yet reported.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn in_flight_tasks(&self) -> u32 {
+        self.tasks.lock().await.in_flight
+    }
+
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn tasks_completed(&self) -> u64 {
+        self.tasks.lock().await.completed
+    }
+
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn tasks_failed(&self) -> u64 {
+        self.tasks.lock().await.failed
+    }
+
+    /// `<id> <command> <complete|failed>` of the last task that ended; empty before the first.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn last_task(&self) -> String {
+        self.tasks.lock().await.last_task.clone()
     }
 
     #[zbus(property)]
@@ -95,6 +128,8 @@ struct Agent {
     iface: InterfaceRef<AgentIface>,
     state: Arc<Mutex<State>>,
     beat_now: Arc<Notify>,
+    tasks: Arc<Mutex<TaskStats>>,
+    poll_tasks: Arc<Notify>,
 }
 
 impl Agent {
@@ -224,7 +259,8 @@ impl Agent {
         }
     }
 
-    async fn run(&self) -> powernode::Result<()> {
+    /// Enroll if needed, then heartbeat and run tasks until `stop` turns true.
+    async fn run(&self, stop: watch::Receiver<bool>) -> powernode::Result<()> {
         let creds = self.credentials().await?;
         // Follows rotations by certd: each request uses the current credentials.
         let mut client = InstanceClient::new(
@@ -239,9 +275,37 @@ impl Agent {
         })
         .await;
         tracing::info!(instance = %instance, platform = %platform, "heartbeating");
+        let exec = SystemdExecutor::new(
+            self.conn.clone(),
+            ShellLimits {
+                default_timeout: Duration::from_secs(self.cfg.tasks.command_timeout_secs),
+                max_timeout: Duration::from_secs(self.cfg.tasks.max_command_timeout_secs),
+                output_cap: self.cfg.tasks.output_cap_bytes,
+            },
+        );
+        let task_loop = TaskLoop {
+            paths: self.paths.clone(),
+            cfg: self.cfg.tasks.clone(),
+            client: Mutex::new(InstanceClient::new(
+                self.cfg.platform.clone(),
+                PkiStore::new(self.paths.pki_dir()),
+            )),
+            exec,
+            conn: Some(self.conn.clone()),
+            stats: self.tasks.clone(),
+            poll_now: self.poll_tasks.clone(),
+        };
+        tokio::join!(
+            self.heartbeats(&mut client, stop.clone()),
+            task_loop.run(stop)
+        );
+        Ok(())
+    }
+
+    async fn heartbeats(&self, client: &mut InstanceClient, mut stop: watch::Receiver<bool>) {
         let mut next_poll: Option<u64> = None;
         loop {
-            match self.beat(&mut client).await {
+            match self.beat(client).await {
                 Ok(r) => {
                     next_poll = r.next_poll_seconds.or(next_poll);
                     let at = r.server_time.unwrap_or_else(|| {
@@ -273,6 +337,7 @@ impl Agent {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.beat_now.notified() => tracing::info!("heartbeat requested over D-Bus"),
+                _ = stop.changed() => return,
             }
         }
     }
@@ -295,6 +360,8 @@ async fn serve(paths: Paths, mut cfg: Config, args: ServiceArgs) -> anyhow::Resu
         ..State::default()
     }));
     let beat_now = Arc::new(Notify::new());
+    let tasks = Arc::new(Mutex::new(TaskStats::default()));
+    let poll_tasks = Arc::new(Notify::new());
     let conn = zbus::connection::Builder::system()
         .name(AGENT_NAME)
         .serve_at(
@@ -302,6 +369,8 @@ async fn serve(paths: Paths, mut cfg: Config, args: ServiceArgs) -> anyhow::Resu
             AgentIface {
                 state: state.clone(),
                 beat_now: beat_now.clone(),
+                tasks: tasks.clone(),
+                poll_tasks: poll_tasks.clone(),
             },
         )
         .build()
@@ -311,6 +380,7 @@ async fn serve(paths: Paths, mut cfg: Config, args: ServiceArgs) -> anyhow::Resu
         .object_server()
         .interface::<_, AgentIface>(AGENT_PATH)
         .await?;
+    let drain = Duration::from_secs(cfg.tasks.drain_secs);
     let agent = Agent {
         paths,
         cfg,
@@ -318,6 +388,8 @@ async fn serve(paths: Paths, mut cfg: Config, args: ServiceArgs) -> anyhow::Resu
         iface,
         state,
         beat_now,
+        tasks,
+        poll_tasks,
     };
     // Ready as soon as we serve the bus: enrollment may wait on the platform for a long time and
     // must not count against the start timeout.
@@ -328,21 +400,36 @@ async fn serve(paths: Paths, mut cfg: Config, args: ServiceArgs) -> anyhow::Resu
             None => std::future::pending().await,
         }
     };
-    tokio::select! {
-        r = agent.run() => {
+    tokio::pin!(dog);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let run = agent.run(stop_rx);
+    tokio::pin!(run);
+    let signalled = tokio::select! {
+        r = &mut run => {
             let e = match r { Ok(()) => return Ok(()), Err(e) => e };
             agent.update(|s| { s.state = if e.kind() == ErrorKind::Refused { "refused" } else { "degraded" }; s.last_error = e.to_string(); }).await;
             systemd::status(&format!("failed: {e}"));
-            Err(anyhow::Error::new(e))
+            return Err(anyhow::Error::new(e));
         }
-        _ = dog => Ok(()),
-        r = powernode::daemon::shutdown_signal() => {
-            r?;
-            systemd::stopping("stopping");
-            tracing::info!("signal, exiting");
-            Ok(())
-        }
+        _ = &mut dog => return Ok(()),
+        r = powernode::daemon::shutdown_signal() => r,
+    };
+    signalled?;
+    // Stop claiming, let running tasks finish (bounded), hand back the rest; keep the watchdog
+    // fed meanwhile. A second signal or the outer bound ends it regardless.
+    systemd::stopping("stopping: draining tasks");
+    tracing::info!("signal: stopping, draining tasks");
+    if stop_tx.send(true).is_err() {
+        tracing::debug!("task loop already gone");
     }
+    let bound = drain + Duration::from_secs(10);
+    tokio::select! {
+        _ = &mut run => tracing::info!("drained, exiting"),
+        _ = &mut dog => {}
+        _ = tokio::time::sleep(bound) => tracing::warn!(after = ?bound, "drain did not finish; exiting anyway"),
+        _ = powernode::daemon::shutdown_signal() => tracing::warn!("second signal: exiting without waiting"),
+    }
+    Ok(())
 }
 
 pub fn entry(paths: Paths, args: ServiceArgs) -> ExitCode {

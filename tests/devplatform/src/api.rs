@@ -69,6 +69,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/enroll", post(enroll))
         .route("/enroll/refresh", post(refresh))
         .route("/status/heartbeat", post(heartbeat))
+        .route("/status/tasks", get(crate::tasks::list))
+        .route("/status/tasks/{id}", get(crate::tasks::show))
+        .route(
+            "/status/tasks/{id}/acknowledge",
+            post(crate::tasks::acknowledge),
+        )
+        .route("/status/tasks/{id}/complete", post(crate::tasks::complete))
+        .route("/status/tasks/{id}/fail", post(crate::tasks::fail))
         .route("/fleet/events", post(crate::events::post_events))
         .route("/modules", get(crate::modules::list))
         .route("/modules/{id}", get(crate::modules::show))

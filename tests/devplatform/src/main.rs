@@ -12,6 +12,7 @@ mod jwt;
 mod modules;
 mod server;
 mod store;
+mod tasks;
 
 use std::path::PathBuf;
 
@@ -69,6 +70,11 @@ enum Command {
         #[command(subcommand)]
         command: ModuleCommand,
     },
+    /// Tasks: enqueue work for an instance, list, cancel.
+    Task {
+        #[command(subcommand)]
+        command: TaskCommand,
+    },
     /// List enrolled instances.
     Instances {
         #[arg(long = "state")]
@@ -94,6 +100,36 @@ enum TokenCommand {
         /// Print `{"token","instance_uuid","expires_at"}`.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TaskCommand {
+    /// Queue a task and print it as JSON.
+    Enqueue {
+        #[arg(long = "state")]
+        state: PathBuf,
+        #[arg(long)]
+        instance: String,
+        /// e.g. `restart`, `custom`, `sync_modules`.
+        #[arg(long)]
+        command: String,
+        /// A JSON object, e.g. `{"unit":"nginx.service"}`.
+        #[arg(long, default_value = "{}")]
+        options: String,
+    },
+    /// Print every task (JSON array, oldest first).
+    List {
+        #[arg(long = "state")]
+        state: PathBuf,
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Cancel a task that has not ended.
+    Cancel {
+        #[arg(long = "state")]
+        state: PathBuf,
+        id: String,
     },
 }
 
@@ -225,6 +261,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Module { command } => module_command(command),
+        Command::Task { command } => task_command(command),
         Command::Instances { state, json } => {
             let instances = admin::list_instances(&state)?;
             if json {
@@ -235,6 +272,30 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn task_command(command: TaskCommand) -> Result<()> {
+    match command {
+        TaskCommand::Enqueue {
+            state,
+            instance,
+            command,
+            options,
+        } => {
+            let options: serde_json::Value = serde_json::from_str(&options)
+                .with_context(|| format!("--options {options:?} is not JSON"))?;
+            let t = tasks::enqueue(&state, &instance, &command, options)?;
+            println!("{}", serde_json::to_string(&t)?);
+        }
+        TaskCommand::List { state, instance } => {
+            let list = tasks::list_all(&state, instance.as_deref())?;
+            println!("{}", serde_json::to_string(&list)?);
+        }
+        TaskCommand::Cancel { state, id } => {
+            println!("{}", serde_json::to_string(&tasks::cancel(&state, &id)?)?);
+        }
+    }
+    Ok(())
 }
 
 fn module_command(command: ModuleCommand) -> Result<()> {

@@ -42,6 +42,12 @@ pub struct State {
     /// Instance id → assigned module ids, in assignment order.
     #[serde(default)]
     pub assignments: BTreeMap<String, Vec<String>>,
+    /// Tasks keyed by id (`tasks.rs`).
+    #[serde(default)]
+    pub tasks: BTreeMap<String, crate::tasks::Task>,
+    /// Last task sequence number handed out.
+    #[serde(default)]
+    pub task_seq: u64,
 }
 
 /// A single-use bootstrap token. Only the digest of the secret is stored.

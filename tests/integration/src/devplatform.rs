@@ -218,6 +218,53 @@ impl DevPlatform {
         }
     }
 
+    /// Queue a task for `instance`; returns the stored task (with its `id`).
+    pub fn enqueue_task(&self, instance: &str, command: &str, options: &Value) -> Result<Value> {
+        let opts = options.to_string();
+        Ok(serde_json::from_str(&self.cli(&[
+            "task",
+            "enqueue",
+            "--instance",
+            instance,
+            "--command",
+            command,
+            "--options",
+            &opts,
+        ])?)?)
+    }
+
+    /// Every task of `instance`, oldest first, as the store has them.
+    pub fn tasks(&self, instance: &str) -> Result<Vec<Value>> {
+        Ok(serde_json::from_str(&self.cli(&[
+            "task",
+            "list",
+            "--instance",
+            instance,
+        ])?)?)
+    }
+
+    /// Wait until task `id` has ended (`complete`, `failed` or `cancelled`); returns it.
+    pub fn wait_task(&self, instance: &str, id: &str, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let t = self
+                .tasks(instance)?
+                .into_iter()
+                .find(|t| t["id"].as_str() == Some(id))
+                .with_context(|| format!("no task {id}"))?;
+            if matches!(
+                t["status"].as_str(),
+                Some("complete" | "failed" | "cancelled")
+            ) {
+                return Ok(t);
+            }
+            if Instant::now() > deadline {
+                bail!("task {id} still {} after {timeout:?}: {t}", t["status"]);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     pub fn instances(&self) -> Result<Vec<Value>> {
         Ok(serde_json::from_str(&self.cli(&["instances", "--json"])?)?)
     }
