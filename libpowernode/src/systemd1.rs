@@ -109,9 +109,17 @@ impl SystemdExecutor {
         let m = ManagerProxy::new(&self.conn)
             .await
             .map_err(|e| bus_err("systemd manager", e))?;
-        // JobRemoved is only sent to subscribed clients.
-        m.subscribe().await.map_err(|e| bus_err("Subscribe", e))?;
-        Ok(m)
+        // JobRemoved is only sent to subscribed clients; a subscription lasts as long as our
+        // bus connection, so every call after the first hears AlreadySubscribed.
+        match m.subscribe().await {
+            Ok(()) => Ok(m),
+            Err(zbus::Error::MethodError(name, _, _))
+                if name.as_str() == "org.freedesktop.systemd1.AlreadySubscribed" =>
+            {
+                Ok(m)
+            }
+            Err(e) => Err(bus_err("Subscribe", e)),
+        }
     }
 
     /// Start a job with `start` and wait until systemd removes it; returns its result

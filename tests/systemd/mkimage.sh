@@ -16,6 +16,10 @@ SUITE=bookworm
 # dbus: the system bus the daemons register on. Nothing else: minbase already has util-linux
 # (setpriv, nsenter) and the tests need no network tools inside.
 PACKAGES=systemd,systemd-sysv,dbus
+# Installed with apt inside the tree after debootstrap: polkitd's maintainer scripts fail in
+# debootstrap's second stage. polkitd authorises the agent's task calls to systemd
+# (units/usr/share/polkit-1/rules.d).
+LATE_PACKAGES=polkitd
 
 mirror() {
     # Same mirror the host uses (deb822 sources), else the Debian CDN.
@@ -27,7 +31,7 @@ mirror() {
     echo http://deb.debian.org/debian
 }
 MIRROR=$(mirror)
-STAMP_WANT="suite=$SUITE packages=$PACKAGES mirror=$MIRROR script=$(sha256sum "$0" | cut -d' ' -f1)"
+STAMP_WANT="suite=$SUITE packages=$PACKAGES late=$LATE_PACKAGES mirror=$MIRROR script=$(sha256sum "$0" | cut -d' ' -f1)"
 STAMP=$DEST/.powernode-image-stamp
 
 if [[ -f $STAMP && $(cat "$STAMP") == "$STAMP_WANT" ]]; then
@@ -46,6 +50,10 @@ start=$(date +%s)
 echo "mkimage: debootstrap $SUITE ($PACKAGES) from $MIRROR into $DEST"
 debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$NEW" "$MIRROR" >"$NEW.log" 2>&1 || {
     echo "mkimage: debootstrap failed; last lines of $NEW.log:" >&2; tail -30 "$NEW.log" >&2; exit 1; }
+systemd-nspawn -q -D "$NEW" --register=no --keep-unit --pipe sh -c \
+    "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $LATE_PACKAGES" \
+    >>"$NEW.log" 2>&1 || {
+    echo "mkimage: installing $LATE_PACKAGES failed; last lines of $NEW.log:" >&2; tail -30 "$NEW.log" >&2; exit 1; }
 rm -f "$NEW.log"
 
 # Units that only slow a container boot down or wait for devices that never come.

@@ -393,3 +393,190 @@ fn certificates_rotate_on_schedule_under_systemd() -> Result<()> {
     c.poweroff()?;
     Ok(())
 }
+
+/// Tasks under real systemd and polkit: the unprivileged agent starts and stops a unit, runs
+/// shell commands in transient units (output returned, exit status and timeout reported), and
+/// on `systemctl stop` drains a short task and stops/report a long one.
+#[test]
+fn tasks_run_through_systemd_and_drain_on_stop() -> Result<()> {
+    let platform = DevPlatform::start(&["--next-poll-seconds", "2"])?;
+    let token = platform.token(None)?;
+    let id = token.instance_uuid.clone();
+    let tree = node_tree("pn-e2e-tasks-", &platform, &token)?;
+    write(
+        tree.path(),
+        "etc/powernode/agent.toml.d/50-test.toml",
+        "[tasks]\npoll_secs = 1\ndrain_secs = 4\n",
+        0o644,
+    )?;
+    write(
+        tree.path(),
+        "etc/systemd/system/pn-probe.service",
+        "[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/bin/true\n",
+        0o644,
+    )?;
+    let c = Container::boot(
+        &Image::bookworm()?,
+        &BootOptions {
+            overlay_tree: Some(tree.path().to_path_buf()),
+            enable: vec!["powernode-agent.service".into()],
+            ..BootOptions::default()
+        },
+    )?;
+    c.wait_running()?;
+    platform.wait_heartbeats(&id, 1, Duration::from_secs(90))?;
+    let logs = || {
+        format!(
+            "agent journal:\n{}",
+            c.journal("powernode-agent.service").unwrap_or_default()
+        )
+    };
+    let run = |command: &str, options: serde_json::Value| -> Result<serde_json::Value> {
+        let t = platform.enqueue_task(&id, command, &options)?;
+        let tid = t["id"].as_str().context("id")?;
+        platform
+            .wait_task(&id, tid, Duration::from_secs(60))
+            .with_context(logs)
+    };
+
+    let t = run("start", serde_json::json!({"unit": "pn-probe.service"}))?;
+    ensure!(t["status"] == "complete", "{t}");
+    ensure!(
+        c.exec_ok(&["systemctl", "is-active", "pn-probe.service"])?
+            .trim()
+            == "active",
+        "start task did not start the unit"
+    );
+    let t = run("stop", serde_json::json!({"unit": "pn-probe.service"}))?;
+    ensure!(t["status"] == "complete", "{t}");
+    let state = c.exec(&["systemctl", "is-active", "pn-probe.service"])?;
+    ensure!(String::from_utf8_lossy(&state.stdout).trim() == "inactive");
+    let t = run(
+        "restart",
+        serde_json::json!({"unit": "pn-nonexistent.service"}),
+    )?;
+    ensure!(t["status"] == "failed", "{t}");
+    ensure!(
+        t["error_message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("pn-nonexistent.service"),
+        "{t}"
+    );
+
+    let t = run(
+        "custom",
+        serde_json::json!({"command": "echo hello; id -u; echo oops >&2"}),
+    )?;
+    ensure!(t["status"] == "complete", "{t}");
+    ensure!(t["result"]["output"] == "hello\n0\noops\n", "{t}");
+    let t = run(
+        "ssh_command",
+        serde_json::json!({"command": "echo partial; exit 3"}),
+    )?;
+    ensure!(t["status"] == "failed", "{t}");
+    let msg = t["error_message"].as_str().unwrap_or("");
+    ensure!(
+        msg.contains("exited with status 3") && msg.contains("partial"),
+        "{msg}"
+    );
+    let t = run(
+        "custom",
+        serde_json::json!({"command": "sleep 30", "timeout_seconds": 1}),
+    )?;
+    ensure!(t["status"] == "failed", "{t}");
+    ensure!(
+        t["error_message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("timed out after 1s"),
+        "{t}"
+    );
+    let big = run(
+        "custom",
+        serde_json::json!({"command": "head -c 200000 /dev/zero | tr '\\0' x"}),
+    )?;
+    ensure!(big["status"] == "complete", "{big}");
+    ensure!(
+        big["result"]["output_truncated"] == true
+            && big["result"]["output_bytes"] == 200_000
+            && big["result"]["output"].as_str().map(str::len) == Some(64 * 1024),
+        "{}",
+        big["result"]["output_bytes"]
+    );
+
+    // Stop while a short task runs: it finishes inside the drain, the agent exits cleanly.
+    let short = platform.enqueue_task(
+        &id,
+        "custom",
+        &serde_json::json!({"command": "sleep 2; echo finished"}),
+    )?;
+    let long =
+        platform.enqueue_task(&id, "custom", &serde_json::json!({"command": "sleep 120"}))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let open = platform.tasks(&id)?;
+        if open
+            .iter()
+            .filter(|t| t["status"] == "acknowledged")
+            .count()
+            == 2
+        {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "tasks not claimed: {open:?}\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let stop_started = Instant::now();
+    c.exec_ok(&["systemctl", "stop", "powernode-agent.service"])?;
+    println!("agent stopped in {:.1?}", stop_started.elapsed());
+    let show = c.exec_ok(&[
+        "systemctl",
+        "show",
+        "-p",
+        "Result,ExecMainStatus",
+        "powernode-agent.service",
+    ])?;
+    ensure!(
+        show.contains("Result=success") && show.contains("ExecMainStatus=0"),
+        "{show}\n{}",
+        logs()
+    );
+    let s = platform.wait_task(
+        &id,
+        short["id"].as_str().context("id")?,
+        Duration::from_secs(5),
+    )?;
+    ensure!(
+        s["status"] == "complete" && s["result"]["output"] == "finished\n",
+        "{s}"
+    );
+    let l = platform.wait_task(
+        &id,
+        long["id"].as_str().context("id")?,
+        Duration::from_secs(5),
+    )?;
+    ensure!(l["status"] == "failed", "{l}");
+    ensure!(
+        l["error_message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("interrupted: the agent stopped"),
+        "{l}"
+    );
+    let unit = format!(
+        "powernode-task-{}.service",
+        long["id"].as_str().context("id")?
+    );
+    let st = c.exec(&["systemctl", "is-active", &unit])?;
+    ensure!(
+        String::from_utf8_lossy(&st.stdout).trim() != "active",
+        "{unit} still running after the hand-back"
+    );
+    c.poweroff()?;
+    Ok(())
+}
