@@ -18,6 +18,7 @@ pub mod fsutil;
 pub mod fsverity;
 pub mod heartbeat;
 pub mod identity;
+pub mod manifest;
 pub mod modules;
 pub mod oci;
 pub mod paths;
