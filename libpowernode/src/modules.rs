@@ -86,6 +86,9 @@ pub struct Fetched {
     pub size_bytes: u64,
     pub path: PathBuf,
     pub signer: String,
+    /// The module's validated manifest.yaml.
+    #[serde(skip)]
+    pub manifest: crate::manifest::Manifest,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +217,28 @@ pub async fn fetch_and_verify(
             ))
         })?
         .clone();
+    // The manifest.yaml layer is covered by the digest-pinned OCI manifest; it must parse and
+    // validate before anything of the module is downloaded or mounted.
+    let manifest_layer = manifest
+        .layers
+        .iter()
+        .find(|l| l.media_type == oci::MODULE_MANIFEST_MEDIA_TYPE)
+        .ok_or_else(|| {
+            refuse(format!(
+                "artifact has no {} layer",
+                oci::MODULE_MANIFEST_MEDIA_TYPE
+            ))
+        })?;
+    let manifest_yaml = oci::pull_small_blob(
+        &oc,
+        &reference,
+        manifest_layer,
+        crate::manifest::MAX_MANIFEST_BYTES,
+    )
+    .await
+    .map_err(|e| pull_err(e, &refuse, &other))?;
+    let module_manifest =
+        crate::manifest::parse(&manifest_yaml).map_err(|e| refuse(e.to_string()))?;
     let want_fsverity = layer
         .annotations
         .as_ref()
@@ -261,6 +286,7 @@ pub async fn fetch_and_verify(
         size_bytes: u64::try_from(layer.size).unwrap_or(0),
         path,
         signer: verified.identity,
+        manifest: module_manifest,
     })
 }
 

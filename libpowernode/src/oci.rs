@@ -202,6 +202,41 @@ pub async fn pull_blob_to_store(
     result
 }
 
+/// Pulls a small blob (the module's manifest.yaml) into memory, refusing one whose descriptor
+/// announces more than `cap` bytes, and checks size and digest before returning a byte.
+pub async fn pull_small_blob(
+    client: &Client,
+    reference: &Reference,
+    layer: &OciDescriptor,
+    cap: usize,
+) -> Result<Vec<u8>, PullError> {
+    let want_hex = digest_hex(&layer.digest)?.to_string();
+    let size = u64::try_from(layer.size).unwrap_or(u64::MAX);
+    if size > cap as u64 {
+        return Err(PullError::Integrity(format!(
+            "blob {} announces {} bytes, more than the {cap} allowed",
+            layer.digest, layer.size
+        )));
+    }
+    let mut w = Capped {
+        inner: Vec::new(),
+        left: size,
+    };
+    client
+        .pull_blob(reference, layer, &mut w)
+        .await
+        .map_err(|e| PullError::Registry(format!("pulling blob {}: {e}", layer.digest)))?;
+    let bytes = w.inner;
+    if bytes.len() as u64 != size || sha256_hex(&bytes) != want_hex {
+        return Err(PullError::Integrity(format!(
+            "blob {} does not match its descriptor ({} bytes received)",
+            layer.digest,
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
+}
+
 /// A writer that refuses more than `left` bytes: a registry cannot fill the disk by streaming
 /// more than the descriptor announced (the digest check would only fail at the end).
 struct Capped<W> {

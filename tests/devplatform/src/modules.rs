@@ -320,10 +320,15 @@ pub async fn publish(a: PublishArgs) -> Result<Module> {
     let fsverity = fsverity_digest(&image_path)?;
     let bundle = sig.bundle(&image)?;
 
-    let manifest_yaml = format!(
-        "name: {}\nversion: {}\narchitecture: {}\n",
-        a.name, a.version, a.arch
-    );
+    // The module's own manifest.yaml when the tree has one (the upstream layout), else the
+    // smallest manifest the schema accepts.
+    let manifest_yaml = match std::fs::read_to_string(a.rootfs.join("manifest.yaml")) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            format!("schema_version: 1\nname: {}\n", a.name)
+        }
+        Err(e) => return Err(e).context("reading manifest.yaml of the module tree"),
+    };
     let mut annotations = BTreeMap::new();
     annotations.insert(ANNOTATION_FSVERITY.to_string(), fsverity.clone());
     annotations.insert(ANNOTATION_ARCH.to_string(), a.arch.clone());

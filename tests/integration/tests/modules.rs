@@ -415,3 +415,45 @@ fn bundle_with_a_wrong_signature_is_refused() -> Result<()> {
     );
     Ok(())
 }
+
+/// A module whose manifest.yaml breaks the upstream schema or escapes its tree is refused before
+/// its image is downloaded; an upstream manifest (log-forwarder's) is accepted as is.
+#[test]
+fn module_manifest_is_validated_before_the_image_is_pulled() -> Result<()> {
+    let node = Node::start()?;
+    let manifest = node.rootfs().join("manifest.yaml");
+    fs::write(
+        &manifest,
+        "schema_version: 1\nname: hello\nsecurity:\n  seccomp_profile: ../../etc/shadow\n",
+    )?;
+    node.publish_and_assign("hello", &[])?;
+    node.pin_trusted_root()?;
+    let (out, v) = node.update()?;
+    ensure!(out.status.code() == Some(2), "update: {}", describe(&out));
+    let err = v["error"].as_str().unwrap_or_default();
+    ensure!(
+        err.contains("manifest") && err.contains("seccomp_profile"),
+        "{v}"
+    );
+    ensure!(node.store_entries().is_empty(), "image pulled anyway");
+
+    let upstream = powernode_integration_tests::workspace_root()
+        .join("tests/fixtures/upstream-modules/modules/powernode-log-forwarder/manifest.yaml");
+    fs::copy(&upstream, &manifest)?;
+    node.publish_and_assign("powernode-log-forwarder", &[])?;
+    // `hello` is still assigned and still refused; the upstream module passes beside it.
+    let (out, _) = node.update()?;
+    ensure!(
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .any(|l| l.contains("module verified") && l.contains("powernode-log-forwarder")),
+        "update: {}",
+        describe(&out)
+    );
+    ensure!(
+        node.store_entries().len() == 1,
+        "{:?}",
+        node.store_entries()
+    );
+    Ok(())
+}
