@@ -28,6 +28,25 @@ pub struct Config {
     pub identity: IdentityConfig,
     pub retry: RetryConfig,
     pub tasks: TasksConfig,
+    pub events: EventsConfig,
+}
+
+/// Which severity words go on the wire.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SeverityVocabulary {
+    /// `info`, `warning`, `error`, `critical` (node-api.md Part A §5; the development platform).
+    #[default]
+    PartA,
+    /// `low`, `medium`, `high`, `critical`: what the upstream server stores. Its validation
+    /// silently drops every other word, so a node talking to it must say this.
+    Upstream,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    pub wire_severity: SeverityVocabulary,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

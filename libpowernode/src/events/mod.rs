@@ -22,6 +22,8 @@ pub const MAX_BATCH: usize = 500;
 /// The kind of the event the queue emits itself when its size cap forced it to drop events.
 pub const DROPPED_KIND: &str = "system.events.dropped";
 
+pub use crate::config::SeverityVocabulary;
+
 /// Event severity, in the vocabulary of node-api.md Part A §5.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -38,6 +40,17 @@ impl Severity {
             Severity::Info => "info",
             Severity::Warning => "warning",
             Severity::Error => "error",
+            Severity::Critical => "critical",
+        }
+    }
+
+    /// The upstream server's vocabulary (node-api.md Part B §8: `low`, `medium`, `high`,
+    /// `critical`; anything else is silently dropped there).
+    pub fn as_upstream(self) -> &'static str {
+        match self {
+            Severity::Info => "low",
+            Severity::Warning => "medium",
+            Severity::Error => "high",
             Severity::Critical => "critical",
         }
     }
@@ -254,10 +267,14 @@ impl Event {
 
     /// The upload form (node-api.md Part A §5), plus `emitted_at` and `source`, which the
     /// upstream server ignores and the development platform records.
-    pub fn wire(&self) -> Value {
+    pub fn wire(&self, vocabulary: SeverityVocabulary) -> Value {
+        let severity = match vocabulary {
+            SeverityVocabulary::PartA => self.severity.as_str(),
+            SeverityVocabulary::Upstream => self.severity.as_upstream(),
+        };
         serde_json::json!({
             "kind": self.kind,
-            "severity": self.severity.as_str(),
+            "severity": severity,
             "payload": self.payload,
             "correlation_id": self.id,
             "emitted_at": self.emitted_at,
@@ -341,7 +358,9 @@ mod tests {
         let a = new_id();
         assert_ne!(a, new_id());
         assert_eq!(&a[14..15], "4");
-        let wire = Event::new("k", "critical", "{}", "s").unwrap().wire();
+        let wire = Event::new("k", "critical", "{}", "s")
+            .unwrap()
+            .wire(SeverityVocabulary::PartA);
         assert_eq!(wire["severity"], "critical");
         assert!(wire["correlation_id"].is_string());
     }

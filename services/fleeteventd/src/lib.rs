@@ -283,7 +283,7 @@ async fn uploader(shared: Arc<Shared>, paths: Paths, cfg: Config) {
         }
         if !batch.events.is_empty() {
             let body = serde_json::json!({
-                "events": batch.events.iter().map(Event::wire).collect::<Vec<_>>(),
+                "events": batch.events.iter().map(|e| e.wire(cfg.events.wire_severity)).collect::<Vec<_>>(),
             });
             let sent = policy
                 .run(|_| {

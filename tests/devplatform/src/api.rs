@@ -41,6 +41,8 @@ pub struct ApiConfig {
     pub next_poll_seconds: u64,
     pub cert_ttl_secs: u64,
     pub jwt_ttl_secs: u64,
+    /// Accept event severities in the upstream server's words (low/medium/high/critical).
+    pub upstream_severities: bool,
 }
 
 /// Shared by every request.

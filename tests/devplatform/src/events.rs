@@ -29,6 +29,8 @@ use crate::fsutil;
 pub const MAX_EVENTS: usize = 500;
 const MAX_KIND_LEN: usize = 128;
 const SEVERITIES: [&str; 4] = ["info", "warning", "error", "critical"];
+/// `serve --upstream-severities`: the upstream server's words (node-api.md Part B §8).
+const UPSTREAM_SEVERITIES: [&str; 4] = ["low", "medium", "high", "critical"];
 const EVENTS_DIR: &str = "events";
 
 /// One stored event, as `events --json` prints it.
@@ -208,7 +210,7 @@ fn fail(status: StatusCode, code: &str, message: impl Into<String>) -> Response 
 }
 
 /// Check one event of the request; the stored form or why it is refused.
-fn validate(i: usize, v: &Value, received_at: &str) -> Result<StoredEvent, String> {
+fn validate(i: usize, v: &Value, received_at: &str, upstream: bool) -> Result<StoredEvent, String> {
     let field = |k: &str| v.get(k);
     let kind = field("kind")
         .and_then(Value::as_str)
@@ -221,8 +223,13 @@ fn validate(i: usize, v: &Value, received_at: &str) -> Result<StoredEvent, Strin
     if !kind_ok {
         return Err(format!("events[{i}].kind: invalid {kind:?}"));
     }
-    let severity = field("severity").and_then(Value::as_str).unwrap_or("info");
-    if !SEVERITIES.contains(&severity) {
+    let (words, default) = if upstream {
+        (UPSTREAM_SEVERITIES, "low")
+    } else {
+        (SEVERITIES, "info")
+    };
+    let severity = field("severity").and_then(Value::as_str).unwrap_or(default);
+    if !words.contains(&severity) {
         return Err(format!("events[{i}].severity: unknown {severity:?}"));
     }
     let payload = match field("payload") {
@@ -275,7 +282,7 @@ pub async fn post_events(
         .unwrap_or_default();
     let mut stored = Vec::with_capacity(events.len());
     for (i, v) in events.iter().enumerate() {
-        match validate(i, v, &received_at) {
+        match validate(i, v, &received_at, state.config.upstream_severities) {
             Ok(e) => stored.push(e),
             Err(m) => return fail(StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_ERROR", m),
         }
@@ -373,7 +380,7 @@ mod tests {
             (json!({"correlation_id":"x"}), false),
         ];
         for (v, ok) in cases {
-            assert_eq!(validate(0, &v, "t").is_ok(), ok, "{v}");
+            assert_eq!(validate(0, &v, "t", false).is_ok(), ok, "{v}");
         }
     }
 }

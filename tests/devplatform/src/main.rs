@@ -48,6 +48,10 @@ enum Command {
         /// Lifetime of instance JWTs (seconds, or with an s/m/h/d suffix).
         #[arg(long, visible_alias = "jwt-ttl", default_value = "24h", value_parser = parse_duration)]
         jwt_ttl_secs: u64,
+        /// Validate event severities as the upstream server does (low, medium, high,
+        /// critical) instead of node-api.md Part A's words.
+        #[arg(long)]
+        upstream_severities: bool,
     },
     /// Bootstrap tokens.
     Token {
@@ -208,6 +212,7 @@ fn run(cli: Cli) -> Result<()> {
             next_poll_seconds,
             cert_ttl_secs,
             jwt_ttl_secs,
+            upstream_severities,
         } => {
             let opts = server::ServeOptions {
                 state_dir: state,
@@ -217,6 +222,7 @@ fn run(cli: Cli) -> Result<()> {
                     next_poll_seconds,
                     cert_ttl_secs,
                     jwt_ttl_secs,
+                    upstream_severities,
                 },
             };
             tokio::runtime::Builder::new_current_thread()
