@@ -13,9 +13,15 @@ REPO=$(cd "$(dirname "$0")/../.." && pwd)
 DEST=${1:-$REPO/build/images/bookworm}
 SUITE=bookworm
 # systemd + systemd-sysv: PID 1, busctl, systemd-analyze, sysusers, tmpfiles.
-# dbus: the system bus the daemons register on. Nothing else: minbase already has util-linux
-# (setpriv, nsenter) and the tests need no network tools inside.
+# dbus: the system bus the daemons register on.
+# polkitd: systemd asks polkit whether a non-root caller (mountd as user powernode) may start
+# and stop its transient .mount units; the project's rule in /usr/share/polkit-1/rules.d decides.
+# Nothing else: minbase already has util-linux (mount, losetup, setpriv, nsenter) and the tests
+# need no network tools inside.
 PACKAGES=systemd,systemd-sysv,dbus
+# Installed with apt after debootstrap: polkitd's maintainer scripts fail inside debootstrap's
+# own configure pass (it needs a configured dbus and sysusers first).
+LATE_PACKAGES="polkitd"
 
 mirror() {
     # Same mirror the host uses (deb822 sources), else the Debian CDN.
@@ -27,7 +33,7 @@ mirror() {
     echo http://deb.debian.org/debian
 }
 MIRROR=$(mirror)
-STAMP_WANT="suite=$SUITE packages=$PACKAGES mirror=$MIRROR script=$(sha256sum "$0" | cut -d' ' -f1)"
+STAMP_WANT="suite=$SUITE packages=$PACKAGES late=$LATE_PACKAGES mirror=$MIRROR script=$(sha256sum "$0" | cut -d' ' -f1)"
 STAMP=$DEST/.powernode-image-stamp
 
 if [[ -f $STAMP && $(cat "$STAMP") == "$STAMP_WANT" ]]; then
@@ -46,6 +52,11 @@ start=$(date +%s)
 echo "mkimage: debootstrap $SUITE ($PACKAGES) from $MIRROR into $DEST"
 debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$NEW" "$MIRROR" >"$NEW.log" 2>&1 || {
     echo "mkimage: debootstrap failed; last lines of $NEW.log:" >&2; tail -30 "$NEW.log" >&2; exit 1; }
+rm -f "$NEW.log"
+# shellcheck disable=SC2086 # a word list
+DEBIAN_FRONTEND=noninteractive chroot "$NEW" apt-get install -y -qq --no-install-recommends \
+    $LATE_PACKAGES >"$NEW.log" 2>&1 || {
+    echo "mkimage: installing $LATE_PACKAGES failed; last lines of $NEW.log:" >&2; tail -30 "$NEW.log" >&2; exit 1; }
 rm -f "$NEW.log"
 
 # Units that only slow a container boot down or wait for devices that never come.

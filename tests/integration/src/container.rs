@@ -81,6 +81,34 @@ pub struct BootOptions {
     pub binds: Vec<Bind>,
     /// Units to `systemctl enable` before boot (e.g. `powernode-agent.service`).
     pub enable: Vec<String>,
+    /// Loop block devices to make usable inside (0 = none): the host's `/dev/loop-control`
+    /// and `/dev/loop0` … `/dev/loop<N-1>` are bound in, nodes missing on the host are created
+    /// first. mount(8) attaches a loop device for a filesystem image in a regular file (EROFS
+    /// modules); the kernel hands out the lowest free index host-wide, so N must cover the
+    /// loops other processes on the host hold at the same time.
+    pub loop_devices: u32,
+}
+
+/// Major number of loop block devices (Documentation/admin-guide/devices.txt).
+const LOOP_MAJOR: u32 = 7;
+
+/// Makes sure `/dev/loop0` … `/dev/loop<n-1>` exist on the host (devtmpfs creates only the
+/// first few at boot; the kernel allocates the device behind a node on first open).
+fn ensure_loop_nodes(n: u32) -> Result<Vec<PathBuf>> {
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let node = PathBuf::from(format!("/dev/loop{i}"));
+        if !node.exists() {
+            crate::run_ok(Command::new("mknod").args(["-m", "0660"]).arg(&node).args([
+                "b",
+                &LOOP_MAJOR.to_string(),
+                &i.to_string(),
+            ]))
+            .with_context(|| format!("creating {}", node.display()))?;
+        }
+        nodes.push(node);
+    }
+    Ok(nodes)
 }
 
 /// A booted container; powered off (then killed if it hangs) and unmounted on drop.
@@ -173,6 +201,13 @@ impl Container {
             .args(["--boot", "--register=no", "--keep-unit", "--console=pipe"])
             .args(["--link-journal=no", "--system-call-filter=bpf"])
             .arg("--capability=CAP_BPF,CAP_PERFMON");
+        if opts.loop_devices > 0 {
+            require_tool("mknod")?;
+            cmd.arg("--bind=/dev/loop-control");
+            for node in ensure_loop_nodes(opts.loop_devices)? {
+                cmd.arg(format!("--bind={}", node.display()));
+            }
+        }
         for bind in &opts.binds {
             let flag = if bind.read_only {
                 "--bind-ro"
