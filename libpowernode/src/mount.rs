@@ -513,7 +513,9 @@ mod tests {
 
     #[test]
     fn stack_order_is_priority_descending_then_id() {
-        let cases: &[(&[(&str, i64)], &[&str])] = &[
+        /// (id, effective_priority) in input order → ids in overlay order.
+        type Case<'a> = (&'a [(&'a str, i64)], &'a [&'a str]);
+        let cases: &[Case] = &[
             (&[("a", 1), ("b", 2)], &["b", "a"]),
             (&[("b", 5), ("a", 5)], &["a", "b"]),
             (

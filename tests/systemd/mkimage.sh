@@ -16,11 +16,14 @@ SUITE=bookworm
 # dbus: the system bus the daemons register on.
 # polkitd: systemd asks polkit whether a non-root caller (mountd as user powernode) may start
 # and stop its transient .mount units; the project's rule in /usr/share/polkit-1/rules.d decides.
+# ca-certificates: the OCI client (oci-client → reqwest) loads the system roots even for a
+# plain-HTTP loopback registry, and panics when there are none.
 # Nothing else: minbase already has util-linux (mount, losetup, setpriv, nsenter) and the tests
 # need no network tools inside.
-PACKAGES=systemd,systemd-sysv,dbus
+PACKAGES=systemd,systemd-sysv,dbus,ca-certificates
 # Installed with apt after debootstrap: polkitd's maintainer scripts fail inside debootstrap's
-# own configure pass (it needs a configured dbus and sysusers first).
+# own configure pass (debootstrap reports "Failure while configuring base packages", naming
+# polkitd); a plain apt-get install in the finished tree works.
 LATE_PACKAGES="polkitd"
 
 mirror() {

@@ -823,6 +823,11 @@ pub fn entry(argv: impl IntoIterator<Item = OsString>) -> ExitCode {
         args.root.as_deref(),
         |paths| -> anyhow::Result<ExitCode> {
             let cfg = Config::load(&paths)?;
+            // Landlock grants only paths that exist when it is applied (tmpfiles.d creates
+            // them on a node; a fresh --root may not have them yet).
+            for dir in [modules::store_dir(&paths), paths.run_dir()] {
+                fsutil::ensure_dir(&dir, 0o755)?;
+            }
             let rt = powernode::daemon::start(Profile::Mount, &paths)?;
             rt.block_on(serve(paths, cfg, args.target))
                 .map(|()| ExitCode::SUCCESS)

@@ -65,10 +65,6 @@ impl Node {
             r.join("etc/powernode/agent.toml"),
             "[daemon]\nidle_exit_secs = 0\n",
         )?;
-        fs::copy(
-            platform.state.join("sigstore/trusted_root.json"),
-            r.join("etc/powernode/trust/trusted_root.json"),
-        )?;
         let work = tempfile::Builder::new()
             .prefix("pn-mountd-work-")
             .tempdir()?;
@@ -106,6 +102,13 @@ impl Node {
             "--module",
             name,
         ])?;
+        // The platform's Sigstore setup exists once something was published; pin its root.
+        fs::copy(
+            self.platform.state.join("sigstore/trusted_root.json"),
+            self.root
+                .path()
+                .join("etc/powernode/trust/trusted_root.json"),
+        )?;
         Ok(m)
     }
 
@@ -168,7 +171,7 @@ fn call(
     arg: Option<&str>,
 ) -> Result<Result<String, (String, String)>> {
     rt.block_on(async {
-        let conn = zbus::connection::Builder::address(address)?.build().await?;
+        let conn = zbus::connection::Builder::address(address).build().await?;
         let reply = match arg {
             Some(a) => {
                 conn.call_method(Some(NAME), PATH, Some(NAME), method, &(a,))

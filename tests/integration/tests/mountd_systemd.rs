@@ -242,6 +242,11 @@ fn modules_are_composed_by_systemd_refreshed_atomically_and_detached() -> Result
         "{lower}"
     );
 
+    // One loop device per image, seen from the host (the positive control for the check
+    // after detaching).
+    let loops = loops_backing(&[&base_hex, &top_hex]);
+    ensure!(loops.len() == 2, "loop devices: {loops:?}");
+
     // The module objects.
     let tree_out = c.exec_ok(&["busctl", "tree", "--list", NAME])?;
     ensure!(
