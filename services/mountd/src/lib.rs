@@ -292,8 +292,15 @@ async fn transition(
     if let Some(new) = new {
         bring_up(conn, new).await?;
         if let Err(e) = link_target(&new.target, &new.root, new.generation) {
-            let mut specs = new.generation_mounts();
-            specs.reverse();
+            // Undo the new generation and the lowers the current one does not use.
+            let in_use: BTreeSet<&str> = old
+                .map(|o| o.lowers.iter().map(|l| l.r#where.as_str()).collect())
+                .unwrap_or_default();
+            let specs: Vec<&MountSpec> = new
+                .stop_order()
+                .into_iter()
+                .filter(|m| !in_use.contains(m.r#where.as_str()))
+                .collect();
             if let Err(se) = stop_all(conn, &specs).await {
                 tracing::error!(error = %se, "rollback left units behind");
             }

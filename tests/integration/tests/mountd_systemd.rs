@@ -51,9 +51,18 @@ fn mount_call(c: &Container, method: &str, arg: &str) -> Result<String> {
     let out = c.exec(&argv)?;
     if !out.status.success() {
         bail!(
-            "{method}({arg}) failed: {}\nmountd journal:\n{}",
+            "{method}({arg}) failed: {}\nmountd journal:\n{}\nlast of the journal:\n{}",
             powernode_integration_tests::describe(&out),
-            c.journal("powernode-mountd.service").unwrap_or_default()
+            c.journal("powernode-mountd.service").unwrap_or_default(),
+            c.exec_ok(&[
+                "journalctl",
+                "--no-pager",
+                "-n",
+                "60",
+                "-o",
+                "short-monotonic"
+            ])
+            .unwrap_or_default()
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
