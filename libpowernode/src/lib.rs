@@ -3,7 +3,8 @@
 //! Nothing in here is a daemon. Services under `services/` are thin crates that parse arguments,
 //! apply their sandbox profile and call into these modules. Layering, bottom up: `error`, `paths`,
 //! `fsutil` → `config`, `api`, `bus` → `identity`, `pki`, `transport`, `enroll`, `heartbeat` →
-//! `systemd`, `sandbox` (process plumbing used at daemon start).
+//! `mount` (module composition plan and state.json) → `systemd`, `sandbox` (process plumbing
+//! used at daemon start; `systemd` also creates transient units).
 
 pub mod api;
 pub mod bus;
@@ -20,6 +21,7 @@ pub mod heartbeat;
 pub mod identity;
 pub mod manifest;
 pub mod modules;
+pub mod mount;
 pub mod oci;
 pub mod paths;
 pub mod pki;

@@ -27,6 +27,7 @@ pub enum Profile {
     Cert,
     Agent,
     Events,
+    Mount,
 }
 
 impl Profile {
@@ -37,6 +38,7 @@ impl Profile {
             Profile::Cert => "cert",
             Profile::Agent => "agent",
             Profile::Events => "events",
+            Profile::Mount => "mount",
         }
     }
 
@@ -45,7 +47,10 @@ impl Profile {
         match self {
             // fw-cfg and DMI files are root-only 0400.
             Profile::Identity => vec![caps::Capability::CAP_DAC_READ_SEARCH],
-            Profile::Enroll | Profile::Cert | Profile::Agent | Profile::Events => Vec::new(),
+            // mountd asks systemd to mount; it keeps no capability at all.
+            Profile::Enroll | Profile::Cert | Profile::Agent | Profile::Events | Profile::Mount => {
+                Vec::new()
+            }
         }
     }
 }
@@ -145,6 +150,13 @@ impl FsRules {
             Profile::Events => {
                 read.push(paths.state_dir());
                 write.push(paths.state_dir().join("events"));
+            }
+            // state.json (state dir), the module store it pulls into, and /run/powernode where
+            // it links the target and creates the overlay's upper/work directories.
+            Profile::Mount => {
+                write.push(paths.state_dir());
+                write.push(paths.under(crate::oci::STORE_DIR));
+                write.push(paths.run_dir());
             }
         }
         read.sort();
@@ -268,7 +280,12 @@ mod tests {
     fn node() -> (tempfile::TempDir, Paths) {
         let d = tempfile::tempdir().unwrap();
         let p = Paths::new(d.path());
-        for dir in [p.run_dir(), p.pki_dir(), p.under("/secret")] {
+        for dir in [
+            p.run_dir(),
+            p.pki_dir(),
+            p.under("/secret"),
+            p.under(crate::oci::STORE_DIR),
+        ] {
             fs::create_dir_all(dir).unwrap();
         }
         fs::write(p.under("/secret/file"), "x").unwrap();
@@ -357,6 +374,36 @@ mod tests {
             kexec,
             Some(nix::errno::Errno::EPERM),
             "reboot(2) is refused"
+        );
+    }
+
+    #[test]
+    fn mount_profile_writes_state_store_and_run_but_cannot_mount() {
+        let (_d, p) = node();
+        let state = p.state_dir().join("state.json");
+        let store = p.under(crate::oci::STORE_DIR).join("blob");
+        let run = p.run_dir().join("root");
+        let secret = p.under("/secret/file");
+        let (w_state, w_store, w_run, r_secret, w_etc, mnt) =
+            in_sandbox(Profile::Mount, p, move || {
+                (
+                    fs::write(&state, "{}").map_err(|e| e.kind()),
+                    fs::write(&store, "x").map_err(|e| e.kind()),
+                    std::os::unix::fs::symlink("root.gen/1", &run).map_err(|e| e.kind()),
+                    fs::read(&secret).map(|_| ()).map_err(|e| e.kind()),
+                    fs::write("/tmp/powernode-sandbox-probe-mount", "x").map_err(|e| e.kind()),
+                    mount_probe(),
+                )
+            });
+        assert_eq!(w_state, Ok(()), "state.json");
+        assert_eq!(w_store, Ok(()), "the module store");
+        assert_eq!(w_run, Ok(()), "the target link under /run/powernode");
+        assert_eq!(r_secret, Err(ErrorKind::PermissionDenied));
+        assert_eq!(w_etc, Err(ErrorKind::PermissionDenied));
+        assert_eq!(
+            mnt,
+            Some(nix::errno::Errno::EPERM),
+            "mountd never mounts itself: systemd does"
         );
     }
 }

@@ -13,13 +13,18 @@ REPO=$(cd "$(dirname "$0")/../.." && pwd)
 DEST=${1:-$REPO/build/images/bookworm}
 SUITE=bookworm
 # systemd + systemd-sysv: PID 1, busctl, systemd-analyze, sysusers, tmpfiles.
-# dbus: the system bus the daemons register on. Nothing else: minbase already has util-linux
-# (setpriv, nsenter) and the tests need no network tools inside.
-PACKAGES=systemd,systemd-sysv,dbus
-# Installed with apt inside the tree after debootstrap: polkitd's maintainer scripts fail in
-# debootstrap's second stage. polkitd authorises the agent's task calls to systemd
-# (units/usr/share/polkit-1/rules.d).
-LATE_PACKAGES=polkitd
+# dbus: the system bus the daemons register on.
+# polkitd: systemd asks polkit whether a non-root caller (mountd, the agent's tasks; user powernode) may
+# start and stop units; the project's rules in /usr/share/polkit-1/rules.d decide.
+# ca-certificates: the OCI client (oci-client → reqwest) loads the system roots even for a
+# plain-HTTP loopback registry, and panics when there are none.
+# Nothing else: minbase already has util-linux (mount, losetup, setpriv, nsenter) and the tests
+# need no network tools inside.
+PACKAGES=systemd,systemd-sysv,dbus,ca-certificates
+# Installed with apt after debootstrap: polkitd's maintainer scripts fail inside debootstrap's
+# own configure pass (debootstrap reports "Failure while configuring base packages", naming
+# polkitd); a plain apt-get install in the finished tree works.
+LATE_PACKAGES="polkitd"
 
 mirror() {
     # Same mirror the host uses (deb822 sources), else the Debian CDN.
@@ -50,9 +55,10 @@ start=$(date +%s)
 echo "mkimage: debootstrap $SUITE ($PACKAGES) from $MIRROR into $DEST"
 debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$NEW" "$MIRROR" >"$NEW.log" 2>&1 || {
     echo "mkimage: debootstrap failed; last lines of $NEW.log:" >&2; tail -30 "$NEW.log" >&2; exit 1; }
-systemd-nspawn -q -D "$NEW" --register=no --keep-unit --pipe sh -c \
-    "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $LATE_PACKAGES" \
-    >>"$NEW.log" 2>&1 || {
+rm -f "$NEW.log"
+# shellcheck disable=SC2086 # a word list
+DEBIAN_FRONTEND=noninteractive chroot "$NEW" apt-get install -y -qq --no-install-recommends \
+    $LATE_PACKAGES >"$NEW.log" 2>&1 || {
     echo "mkimage: installing $LATE_PACKAGES failed; last lines of $NEW.log:" >&2; tail -30 "$NEW.log" >&2; exit 1; }
 rm -f "$NEW.log"
 

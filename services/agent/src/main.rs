@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         multicall::Callname::Enrolld => powernode_enrolld::entry(argv),
         multicall::Callname::Certd => powernode_certd::entry(argv),
         multicall::Callname::Fleeteventd => powernode_fleeteventd::entry(argv),
+        multicall::Callname::Mountd => powernode_mountd::entry(argv),
         multicall::Callname::Ipn => {
             eprintln!(
                 "ipn: the legacy flag interface is not available in this build; use `powernode-agent <command>`"

@@ -10,6 +10,7 @@ pub enum Callname {
     Enrolld,
     Certd,
     Fleeteventd,
+    Mountd,
     /// The upstream agent's legacy name.
     Ipn,
 }
@@ -25,6 +26,7 @@ pub fn callname_from_argv0(argv0: Option<&OsStr>) -> Callname {
         "powernode-enrolld" => Callname::Enrolld,
         "powernode-certd" => Callname::Certd,
         "powernode-fleeteventd" => Callname::Fleeteventd,
+        "powernode-mountd" => Callname::Mountd,
         "ipn" => Callname::Ipn,
         _ => Callname::Agent,
     }
@@ -49,6 +51,10 @@ mod tests {
             (
                 Some("/usr/libexec/powernode/powernode-fleeteventd"),
                 Callname::Fleeteventd,
+            ),
+            (
+                Some("/usr/libexec/powernode/powernode-mountd"),
+                Callname::Mountd,
             ),
             (Some("/sbin/ipn"), Callname::Ipn),
             (Some("/usr/bin/powernode-agent"), Callname::Agent),

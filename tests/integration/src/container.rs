@@ -81,6 +81,34 @@ pub struct BootOptions {
     pub binds: Vec<Bind>,
     /// Units to `systemctl enable` before boot (e.g. `powernode-agent.service`).
     pub enable: Vec<String>,
+    /// Loop block devices to make usable inside (0 = none): the host's `/dev/loop-control`
+    /// and `/dev/loop0` … `/dev/loop<N-1>` are bound in, nodes missing on the host are created
+    /// first. mount(8) attaches a loop device for a filesystem image in a regular file (EROFS
+    /// modules); the kernel hands out the lowest free index host-wide, so N must cover the
+    /// loops other processes on the host hold at the same time.
+    pub loop_devices: u32,
+}
+
+/// Major number of loop block devices (Documentation/admin-guide/devices.txt).
+const LOOP_MAJOR: u32 = 7;
+
+/// Makes sure `/dev/loop0` … `/dev/loop<n-1>` exist on the host (devtmpfs creates only the
+/// first few at boot; the kernel allocates the device behind a node on first open).
+fn ensure_loop_nodes(n: u32) -> Result<Vec<PathBuf>> {
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let node = PathBuf::from(format!("/dev/loop{i}"));
+        if !node.exists() {
+            crate::run_ok(Command::new("mknod").args(["-m", "0660"]).arg(&node).args([
+                "b",
+                &LOOP_MAJOR.to_string(),
+                &i.to_string(),
+            ]))
+            .with_context(|| format!("creating {}", node.display()))?;
+        }
+        nodes.push(node);
+    }
+    Ok(nodes)
 }
 
 /// A booted container; powered off (then killed if it hangs) and unmounted on drop.
@@ -93,6 +121,7 @@ pub struct Container {
     merged: PathBuf,
     started: Instant,
     stopped: bool,
+    _cgroups: ContainerCgroups,
     _install_tree: Option<tempfile::TempDir>,
 }
 
@@ -165,7 +194,12 @@ impl Container {
         }
 
         let log = fs::File::create(dir.path().join("boot.log"))?;
-        let mut cmd = Command::new("systemd-nspawn");
+        let cgroups = ContainerCgroups::create(&name)?;
+        // sh joins the container's own cgroups, then becomes nspawn (same PID).
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", JOIN_CGROUPS_AND_EXEC, "sh"])
+            .arg(cgroups.procs_files())
+            .arg("systemd-nspawn");
         cmd.env("SYSTEMD_NSPAWN_UNIFIED_HIERARCHY", "1")
             .arg("--quiet")
             .arg(format!("--directory={}", merged.display()))
@@ -173,6 +207,13 @@ impl Container {
             .args(["--boot", "--register=no", "--keep-unit", "--console=pipe"])
             .args(["--link-journal=no", "--system-call-filter=bpf"])
             .arg("--capability=CAP_BPF,CAP_PERFMON");
+        if opts.loop_devices > 0 {
+            require_tool("mknod")?;
+            cmd.arg("--bind=/dev/loop-control");
+            for node in ensure_loop_nodes(opts.loop_devices)? {
+                cmd.arg(format!("--bind={}", node.display()));
+            }
+        }
         for bind in &opts.binds {
             let flag = if bind.read_only {
                 "--bind-ro"
@@ -198,6 +239,7 @@ impl Container {
             started: Instant::now(),
             stopped: false,
             _install_tree: None,
+            _cgroups: cgroups,
         };
         container.leader = container.find_leader()?;
         Ok(container)
@@ -410,6 +452,80 @@ impl Drop for Container {
         };
         drop(guard);
     }
+}
+
+/// `$1` is a space-separated list of cgroup.procs files; the rest is the command to exec.
+const JOIN_CGROUPS_AND_EXEC: &str =
+    "for f in $1; do echo $$ > \"$f\" || exit 1; done; shift; exec \"$@\"";
+
+/// One cgroup per container in each hierarchy the host mounts for systemd (cgroup2 and the
+/// hybrid layout's name=systemd). `nspawn --keep-unit` puts the container's `payload` and
+/// `supervisor` cgroups under the cgroup it runs in; this host's PID 1 is not systemd and
+/// every process sits in the root cgroup, so without this all containers on the machine —
+/// other test runs included — would share `/payload`, and one container's systemd pruning its
+/// cgroups removes another's (seen as `status=219/CGROUP` on a mount unit's stop).
+#[derive(Debug)]
+struct ContainerCgroups {
+    dirs: Vec<PathBuf>,
+}
+
+impl ContainerCgroups {
+    fn create(name: &str) -> Result<ContainerCgroups> {
+        let mut dirs = Vec::new();
+        for root in [
+            "/sys/fs/cgroup/unified",
+            "/sys/fs/cgroup/systemd",
+            "/sys/fs/cgroup",
+        ] {
+            let root = Path::new(root);
+            if !root.join("cgroup.procs").is_file() {
+                continue;
+            }
+            let dir = root.join(format!("powernode-test-{name}"));
+            fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+            dirs.push(dir);
+            if root == Path::new("/sys/fs/cgroup") {
+                break;
+            }
+            if dirs.len() == 2 {
+                break;
+            }
+        }
+        if dirs.is_empty() {
+            bail!("no cgroup hierarchy found under /sys/fs/cgroup");
+        }
+        Ok(ContainerCgroups { dirs })
+    }
+
+    fn procs_files(&self) -> String {
+        self.dirs
+            .iter()
+            .map(|d| d.join("cgroup.procs").display().to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+impl Drop for ContainerCgroups {
+    fn drop(&mut self) {
+        for dir in &self.dirs {
+            if let Err(e) = remove_cgroup_tree(dir) {
+                eprintln!("removing cgroup {}: {e}", dir.display());
+            }
+        }
+    }
+}
+
+/// Removes a cgroup and its children, leaves first (a cgroup directory only goes with rmdir,
+/// once it has no children and no processes).
+fn remove_cgroup_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            remove_cgroup_tree(&entry.path())?;
+        }
+    }
+    fs::remove_dir(dir)
 }
 
 /// Unmounts the overlay and its tmpfs upper layer (in that order) when dropped.

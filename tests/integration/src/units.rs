@@ -17,6 +17,7 @@ pub const BINARIES: &[(&str, &str)] = &[
     ("powernode-enrolld", "usr/libexec/powernode"),
     ("powernode-certd", "usr/libexec/powernode"),
     ("powernode-fleeteventd", "usr/libexec/powernode"),
+    ("powernode-mountd", "usr/libexec/powernode"),
     ("powernode-agent", "usr/bin"),
 ];
 

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    powernode_mountd::entry(std::env::args_os())
+}
