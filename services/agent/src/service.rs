@@ -205,7 +205,15 @@ impl Agent {
     }
 
     async fn beat(&self, client: &mut InstanceClient) -> powernode::Result<HeartbeatResponse> {
-        let payload: HeartbeatRequest = heartbeat::gather(&self.paths, BTreeMap::new(), false)?;
+        // What mountd composed (state.json); a torn file is reported, never read as "nothing".
+        let (digests, mounted) = match powernode::mount::load_state(&self.paths) {
+            Ok(st) => (st.module_digests(), st.union_mounted),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the module state for the heartbeat");
+                (BTreeMap::new(), false)
+            }
+        };
+        let payload: HeartbeatRequest = heartbeat::gather(&self.paths, digests, mounted)?;
         let r: HeartbeatResponse = client.post(PATH_HEARTBEAT, &payload).await?;
         // An mTLS-authenticated platform time: evidence for the clock-trust decision.
         if let Some(t) = r.server_time.as_deref().and_then(|t| {
