@@ -202,7 +202,7 @@ pub async fn fetch_and_verify(
     let reference = oci::pinned_reference(&art.reference, &art.digest)
         .map_err(|e| pull_err(e, &refuse, &other))?;
     let registry = reference.registry().to_string();
-    let oc = oci::client_for(&registry);
+    let oc = oci::client_for(&registry).map_err(|e| pull_err(e, &refuse, &other))?;
     let manifest = oci::pull_manifest(&oc, &reference)
         .await
         .map_err(|e| pull_err(e, &refuse, &other))?;

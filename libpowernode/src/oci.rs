@@ -43,7 +43,9 @@ pub enum PullError {
 }
 
 /// Plain HTTP only for loopback registries (tests, a local mirror); HTTPS everywhere else.
-pub fn client_for(registry: &str) -> Client {
+/// Fails (instead of oci-client's `Client::new`, which falls back to a default client that
+/// panics) when no TLS client can be built, e.g. on a node without any CA certificates.
+pub fn client_for(registry: &str) -> Result<Client, PullError> {
     let host = registry.rsplit_once(':').map_or(registry, |(h, p)| {
         if p.chars().all(|c| c.is_ascii_digit()) {
             h
@@ -57,9 +59,14 @@ pub fn client_for(registry: &str) -> Client {
     } else {
         ClientProtocol::Https
     };
-    Client::new(ClientConfig {
+    Client::try_from(ClientConfig {
         protocol,
         ..ClientConfig::default()
+    })
+    .map_err(|e| {
+        PullError::Registry(format!(
+            "cannot build a registry client for {registry} (are CA certificates installed?): {e}"
+        ))
     })
 }
 
