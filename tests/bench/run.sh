@@ -31,11 +31,11 @@ if ! "$VENV/bin/python" -m sigstore --version >/dev/null 2>&1; then
 fi
 
 log "building (profile $PROFILE)"
-$CARGO build -q -p powernode-agent -p powernode-devplatform >&2
+$CARGO build -q -p powernode-agent -p powernode-devplatform -p powernode-fleeteventd >&2
 $CARGO build -q -p powernode-integration-tests --bin powernode-bench >&2
 target_dir=${CARGO_TARGET_DIR:-target}/debug
 mkdir -p "$BIN_DIR"
-for b in powernode-agent powernode-devplatform powernode-bench; do
+for b in powernode-agent powernode-devplatform powernode-fleeteventd powernode-bench; do
 	cp -f "$target_dir/$b" "$BIN_DIR/$b.tmp" && mv -f "$BIN_DIR/$b.tmp" "$BIN_DIR/$b"
 done
 

@@ -24,10 +24,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use powernode::api::{HeartbeatResponse, PATH_HEARTBEAT};
 use powernode::config::Config;
+use powernode::events::{Event, Queue, QueueConfig};
 use powernode::identity::{self, Ctx, METADATA_URL_ENV, Source};
 use powernode::paths::Paths;
 use powernode::pki::PkiStore;
 use powernode::transport::InstanceClient;
+use powernode_integration_tests::bus::PrivateBus;
 use powernode_integration_tests::devplatform::DevPlatform;
 use powernode_integration_tests::metadata::{FakeMetadata, refused_url};
 use powernode_integration_tests::{bin, describe, require_root, run, workspace_root};
@@ -49,9 +51,21 @@ fn main() -> Result<()> {
         "# binaries and library: cargo profile {profile}; host: {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    identity_cascade()?;
-    verify_bundle()?;
-    platform()?;
+    // `powernode-bench [SECTION…]` runs only those sections (all by default).
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    let want = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
+    if want("identity") {
+        identity_cascade()?;
+    }
+    if want("verify") {
+        verify_bundle()?;
+    }
+    if want("platform") {
+        platform()?;
+    }
+    if want("events") {
+        events()?;
+    }
     Ok(())
 }
 
@@ -617,4 +631,131 @@ fn curl_heartbeats(creds: &powernode::pki::Credentials, url: &str) -> Result<(f6
     }
     println!("# peer curl ({version}): one process per beat, same POST; median of {HEARTBEATS}");
     Ok((median(&t), opened))
+}
+
+/// Events appended in one group commit (one fsync) by the bench; fleeteventd's writer takes
+/// whatever arrived while the previous fsync ran, which under load is batches of this order.
+const EVENT_BATCH: usize = 256;
+const APPENDS: usize = 100_000;
+const APPENDS_UNBATCHED: usize = 2_000;
+const UPLOADS: usize = 20_000;
+
+fn bench_events(n: usize) -> Result<Vec<Event>> {
+    (0..n)
+        .map(|i| {
+            Event::new(
+                "bench.event",
+                "info",
+                &format!(r#"{{"n":{i},"note":"a typical small payload of a few dozen bytes"}}"#),
+                "powernode-bench",
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))
+        })
+        .collect()
+}
+
+/// Durable appends per second: the queue with group commit, the same queue with one fsync per
+/// event, and SQLite (WAL, synchronous=FULL, one transaction per batch) — what one would use
+/// instead for a durable local queue — through Python's sqlite3 in the same run.
+fn append_rate(batch: usize, n: usize) -> Result<f64> {
+    let dir = tempfile::Builder::new().prefix("pn-bench-q-").tempdir()?;
+    let mut q = Queue::open(
+        dir.path(),
+        QueueConfig {
+            max_bytes: 4 << 30,
+            segment_bytes: 64 << 20,
+        },
+    )?;
+    let events = bench_events(n)?;
+    let start = Instant::now();
+    for chunk in events.chunks(batch) {
+        q.append(chunk)?;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+fn sqlite_rate(batch: usize, n: usize) -> Result<f64> {
+    let dir = tempfile::Builder::new().prefix("pn-bench-sql-").tempdir()?;
+    let script = format!(
+        r#"
+import json, sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA journal_mode=WAL"); db.execute("PRAGMA synchronous=FULL")
+db.execute("CREATE TABLE q (seq INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+rows = [json.dumps({{"kind":"bench.event","severity":"info","payload":{{"n":i,"note":"a typical small payload of a few dozen bytes"}}}}) for i in range({n})]
+t = time.monotonic()
+for i in range(0, {n}, {batch}):
+    db.execute("BEGIN"); db.executemany("INSERT INTO q (body) VALUES (?)", [(r,) for r in rows[i:i+{batch}]]); db.execute("COMMIT")
+print({n} / (time.monotonic() - t))
+"#
+    );
+    let out = run(Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(dir.path().join("q.db")))?;
+    ensure!(out.status.success(), "sqlite peer: {}", describe(&out));
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+}
+
+fn events() -> Result<()> {
+    figure(
+        "events_durable_appends_group_commit",
+        append_rate(EVENT_BATCH, APPENDS)?,
+        "events/s",
+    );
+    peer("sqlite-wal-full", sqlite_rate(EVENT_BATCH, APPENDS)?);
+    figure(
+        "events_durable_appends_fsync_each",
+        append_rate(1, APPENDS_UNBATCHED)?,
+        "events/s",
+    );
+    peer("sqlite-wal-full", sqlite_rate(1, APPENDS_UNBATCHED)?);
+
+    // Upload throughput: a queue of UPLOADS events on an enrolled node, fleeteventd started
+    // on it, until the platform has stored them all (batches of 500 over one mTLS connection).
+    let platform = DevPlatform::start(&[])?;
+    let (root, instance) = platform.enrolled_node("pn-bench-up-")?;
+    let dir = Paths::new(root.path()).state_dir().join("events");
+    {
+        let mut q = Queue::open(&dir, QueueConfig::default())?;
+        for chunk in bench_events(UPLOADS)?.chunks(EVENT_BATCH) {
+            q.append(chunk)?;
+        }
+    }
+    let bus = PrivateBus::start()?;
+    let log = root.path().join("fleeteventd.log");
+    let start = Instant::now();
+    let mut daemon = Command::new(bin("powernode-fleeteventd")?)
+        .arg("--root")
+        .arg(root.path())
+        .env("DBUS_SYSTEM_BUS_ADDRESS", bus.address())
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&log)?)
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = start + Duration::from_secs(300);
+    let result = loop {
+        let n = platform.events(&instance)?.len();
+        if n >= UPLOADS {
+            break Ok(start.elapsed());
+        }
+        if Instant::now() > deadline {
+            break Err(anyhow::anyhow!(
+                "only {n} of {UPLOADS} events uploaded in 300 s:\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if let Err(e) = daemon.kill() {
+        eprintln!("stopping fleeteventd: {e}");
+    }
+    daemon.wait()?;
+    let spent = result?;
+    figure(
+        "events_upload_throughput",
+        UPLOADS as f64 / spent.as_secs_f64(),
+        "events/s",
+    );
+    Ok(())
 }
