@@ -13,7 +13,7 @@ VENV=build/bench-venv
 
 log() { echo "# bench: $*"; }
 
-missing=$(for p in curl python3 python3-venv ca-certificates; do
+missing=$(for p in curl python3 python3-venv ca-certificates skopeo docker-registry erofs-utils fsverity; do
 	dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -qx 'install ok installed' || echo "$p"
 done)
 if [ -n "$missing" ]; then

@@ -32,6 +32,7 @@ use powernode::transport::InstanceClient;
 use powernode_integration_tests::bus::PrivateBus;
 use powernode_integration_tests::devplatform::DevPlatform;
 use powernode_integration_tests::metadata::{FakeMetadata, refused_url};
+use powernode_integration_tests::registry::Registry;
 use powernode_integration_tests::{bin, describe, require_root, run, workspace_root};
 
 const BLACKHOLED_RUNS: usize = 5;
@@ -65,6 +66,9 @@ fn main() -> Result<()> {
     }
     if want("events") {
         events()?;
+    }
+    if want("modules") {
+        modules()?;
     }
     Ok(())
 }
@@ -757,5 +761,109 @@ fn events() -> Result<()> {
         UPLOADS as f64 / spent.as_secs_f64(),
         "events/s",
     );
+    Ok(())
+}
+
+/// Size of the module image for the pull and fs-verity figures (the 256 MiB).
+const MODULE_MIB: usize = 256;
+
+/// fs-verity digest of a 256 MiB file (ours, in-process) next to the `fsverity digest` tool;
+/// then pull + verify of a 256 MiB signed module (`powernode-agent update`: manifest, bundle,
+/// SET, streamed blob into the store, digest, fs-verity) next to `skopeo copy` of the same
+/// artifact from the same registry into a directory (no verification at all).
+fn modules() -> Result<()> {
+    let work = tempfile::Builder::new().prefix("pn-bench-mod-").tempdir()?;
+    let rootfs = work.path().join("rootfs");
+    fs::create_dir_all(rootfs.join("data"))?;
+    // Incompressible bytes: mkfs.erofs stores them as they are, so the image is ~256 MiB.
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut f = fs::File::create(rootfs.join("data/blob"))?;
+    for _ in 0..MODULE_MIB {
+        for b in chunk.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        std::io::Write::write_all(&mut f, &chunk)?;
+    }
+    f.sync_all()?;
+    drop(f);
+
+    let file = rootfs.join("data/blob");
+    let start = Instant::now();
+    let ours = powernode::fsverity::format(&powernode::fsverity::digest_file(&file)?);
+    let ours_s = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let tool = run(Command::new("fsverity").arg("digest").arg(&file))?;
+    let tool_s = start.elapsed().as_secs_f64();
+    ensure!(
+        tool.status.success(),
+        "fsverity digest: {}",
+        describe(&tool)
+    );
+    ensure!(
+        String::from_utf8_lossy(&tool.stdout).starts_with(&ours),
+        "digests differ: ours {ours}, tool {}",
+        String::from_utf8_lossy(&tool.stdout)
+    );
+    let mib = MODULE_MIB as f64;
+    figure("fsverity_digest_throughput", mib / ours_s, "MiB/s");
+    peer("fsverity-digest", mib / tool_s);
+
+    let registry = Registry::start()?;
+    let platform = DevPlatform::start(&[])?;
+    let (root, instance) = platform.enrolled_node("pn-bench-pull-")?;
+    let m: serde_json::Value = serde_json::from_str(&platform.cli(&[
+        "module",
+        "publish",
+        "--registry",
+        &registry.addr,
+        "--name",
+        "bench",
+        "--version",
+        "1.0.0",
+        rootfs.to_str().context("utf-8 path")?,
+    ])?)?;
+    platform.cli(&[
+        "module",
+        "assign",
+        "--instance",
+        &instance,
+        "--module",
+        "bench",
+    ])?;
+    let trust = root.path().join("etc/powernode/trust");
+    fs::create_dir_all(&trust)?;
+    fs::copy(
+        platform.state.join("sigstore/trusted_root.json"),
+        trust.join("trusted_root.json"),
+    )?;
+    let size_mib = m["artifact"]["size_bytes"].as_f64().context("size_bytes")? / f64::from(1 << 20);
+    let start = Instant::now();
+    let out = run(Command::new(bin("powernode-agent")?)
+        .args(["update", "--json", "--root"])
+        .arg(root.path()))?;
+    let pull_s = start.elapsed().as_secs_f64();
+    ensure!(out.status.success(), "update: {}", describe(&out));
+
+    let reference = m["artifact"]["ref"].as_str().context("ref")?;
+    let digest = m["artifact"]["digest"].as_str().context("digest")?;
+    let repo = reference.split('@').next().unwrap_or(reference);
+    let repo = repo
+        .rsplit_once(':')
+        .filter(|(_, t)| !t.contains('/'))
+        .map_or(repo, |(r, _)| r);
+    let dest = work.path().join("skopeo");
+    let start = Instant::now();
+    let sk = run(Command::new("skopeo")
+        .args(["copy", "--src-tls-verify=false"])
+        .arg(format!("docker://{repo}@{digest}"))
+        .arg(format!("dir:{}", dest.display())))?;
+    let skopeo_s = start.elapsed().as_secs_f64();
+    ensure!(sk.status.success(), "skopeo copy: {}", describe(&sk));
+    figure("module_pull_verify_throughput", size_mib / pull_s, "MiB/s");
+    peer("skopeo-copy", size_mib / skopeo_s);
     Ok(())
 }
