@@ -17,6 +17,8 @@ pub const AGENT_NAME: &str = "com.powernode.Agent1";
 pub const AGENT_PATH: &str = "/com/powernode/Agent1";
 pub const FLEETEVENT_NAME: &str = "com.powernode.FleetEvent1";
 pub const FLEETEVENT_PATH: &str = "/com/powernode/FleetEvent1";
+pub const MOUNT_NAME: &str = "com.powernode.Mount1";
+pub const MOUNT_PATH: &str = "/com/powernode/Mount1";
 
 /// Errors crossing the bus: one variant per [`crate::ErrorKind`], named
 /// `com.powernode.Error.<Kind>`, carrying the human message.
@@ -74,12 +76,38 @@ pub fn error_from_bus(e: zbus::Error) -> crate::Error {
                 };
             }
             Some("Identity") => return E::Identity(msg),
+            Some("Crypto") => return E::Crypto(msg),
+            Some("NotFound") => return E::NotFound(msg),
             Some("Config") => return E::Config(msg),
             Some(other) => return E::Bus(format!("{other}: {msg}")),
             None => {}
         }
     }
     E::Bus(e.to_string())
+}
+
+#[proxy(
+    interface = "com.powernode.Mount1",
+    default_service = "com.powernode.Mount1",
+    default_path = "/com/powernode/Mount1"
+)]
+pub trait Mount1 {
+    /// Pull, verify and compose one assigned module; returns its image digest.
+    fn attach(&self, id: &str) -> zbus::Result<String>;
+    /// Remove one module from the composition; returns the new generation.
+    fn detach(&self, id: &str) -> zbus::Result<u64>;
+    /// Compose exactly the platform's assignment list; returns the generation.
+    fn sync(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn modules(&self) -> zbus::Result<Vec<String>>;
+    #[zbus(property)]
+    fn union_mounted(&self) -> zbus::Result<bool>;
+    #[zbus(property)]
+    fn generation(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn target(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn last_error(&self) -> zbus::Result<String>;
 }
 
 #[proxy(

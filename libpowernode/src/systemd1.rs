@@ -229,26 +229,14 @@ impl Executor for SystemdExecutor {
 
     async fn sync(&self, name: &str) -> Result<Outcome, String> {
         // mountd owns module reconcile; ask it on the bus.
-        let reply = self
-            .conn
-            .call_method(
-                Some("com.powernode.Mount1"),
-                "/com/powernode/Mount1",
-                Some("com.powernode.Mount1"),
-                "Sync",
-                &(),
-            )
+        let what = format!("{name}: module reconcile (com.powernode.Mount1.Sync)");
+        let mount = crate::bus::Mount1Proxy::new(&self.conn)
             .await
-            .map_err(|e| {
-                bus_err(
-                    &format!("{name}: module reconcile (com.powernode.Mount1.Sync)"),
-                    e,
-                )
-            })?;
-        let summary: String = reply.body().deserialize().unwrap_or_default();
+            .map_err(|e| bus_err(&what, e))?;
+        let generation = mount.sync().await.map_err(|e| bus_err(&what, e))?;
         Ok(Outcome {
-            result: json!({"status": "reconciled", "summary": summary}),
-            message: format!("{name}: modules reconciled"),
+            result: json!({"status": "reconciled", "generation": generation}),
+            message: format!("{name}: modules reconciled (generation {generation})"),
         })
     }
 

@@ -40,9 +40,10 @@ pub enum Command {
     Verify(crate::verify_cmd::VerifyArgs),
     /// Show identity (secrets redacted), PKI and configuration of this node.
     Introspect,
-    /// Fetch and verify one assigned module (by id or name); mounting comes later.
+    /// Compose one assigned module (by id or name) through powernode-mountd (exit 2 refused,
+    /// 3 mount failure); without mountd, fetch and verify only.
     Attach { id: String },
-    /// Detach a module.
+    /// Remove a module from the composition (through powernode-mountd).
     Detach { id: String },
     /// Fetch and verify every assigned module into the store (exit 2 if any is refused).
     Update,
@@ -52,7 +53,7 @@ pub enum Command {
     Status,
     /// Run a platform script.
     Exec { id: String },
-    /// Synchronise configuration from the platform.
+    /// Compose exactly the platform's module assignments (through powernode-mountd).
     Sync,
     /// Run a module's init action.
     Init { id: String, action: String },
@@ -139,12 +140,21 @@ fn dispatch(command: Command, paths: &Paths) -> CmdResult {
         )),
         Command::Boot => not_yet("boot", 7),
         Command::Verify(a) => Ok(crate::verify_cmd::run(a, paths)),
-        Command::Attach { id } => Ok(crate::modules_cmd::run("attach", paths, Some(&id))),
-        Command::Detach { .. } => not_yet("detach", 5),
+        Command::Attach { id } => Ok(crate::modules_cmd::mount_command(
+            crate::modules_cmd::MountOp::Attach(&id),
+            paths,
+        )),
+        Command::Detach { id } => Ok(crate::modules_cmd::mount_command(
+            crate::modules_cmd::MountOp::Detach(&id),
+            paths,
+        )),
         Command::Update => Ok(crate::modules_cmd::run("update", paths, None)),
         Command::Commit { .. } => not_yet("commit", 5),
         Command::Exec { .. } => not_yet("exec", 6),
-        Command::Sync => not_yet("sync", 6),
+        Command::Sync => Ok(crate::modules_cmd::mount_command(
+            crate::modules_cmd::MountOp::Sync,
+            paths,
+        )),
         Command::Init { .. } => not_yet("init", 6),
         Command::VolumeSetup => not_yet("volume-setup", 7),
         Command::Puppet { .. } => not_yet("puppet", 6),

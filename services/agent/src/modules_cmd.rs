@@ -1,8 +1,11 @@
-//! `powernode-agent update` / `attach <id>`: fetch and verify the node's assigned modules
-//! in-process (libpowernode::modules). Mounting is not part of this step.
+//! Module commands. `attach <id>`, `detach <id>` and `sync` ask powernode-mountd
+//! (`com.powernode.Mount1`) on the system bus, which pulls, verifies and composes; when no bus or
+//! no mountd answers, `attach` falls back to fetch + verify in-process (nothing is mounted, and
+//! the report says so) and `detach`/`sync` fail. `update` always fetches and verifies every
+//! assigned module in-process (libpowernode::modules) without mounting.
 //!
-//! Exit 0 when every module verified and sits in the store, 2 on any verification failure
-//! (including a missing trust policy), otherwise the platform error's exit code.
+//! Exit codes (upstream's): 0 ok, 2 any verification failure (including a missing trust
+//! policy), 3 a composition (mount) failure, otherwise the platform error's exit code.
 
 use powernode::config::Config;
 use powernode::modules::{self, ModuleError};
@@ -12,6 +15,118 @@ use powernode::transport::InstanceClient;
 use serde_json::{Map, Value, json};
 
 use crate::output::{EXIT_GENERIC, Report};
+
+/// Upstream's exit code for a failed mount or composition.
+pub const EXIT_MOUNT: u8 = 3;
+/// How long to wait for the system bus before treating it as absent.
+const BUS_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Which Mount1 call a command makes.
+#[derive(Debug, Clone, Copy)]
+pub enum MountOp<'a> {
+    Attach(&'a str),
+    Detach(&'a str),
+    Sync,
+}
+
+impl MountOp<'_> {
+    fn command(self) -> &'static str {
+        match self {
+            MountOp::Attach(_) => "attach",
+            MountOp::Detach(_) => "detach",
+            MountOp::Sync => "sync",
+        }
+    }
+}
+
+/// Why mountd could not be asked (as opposed to mountd answering with an error).
+fn unreachable(e: &zbus::Error) -> bool {
+    match e {
+        zbus::Error::MethodError(name, _, _) => matches!(
+            name.as_str(),
+            "org.freedesktop.DBus.Error.ServiceUnknown"
+                | "org.freedesktop.DBus.Error.NameHasNoOwner"
+                | "org.freedesktop.DBus.Error.Spawn.ServiceNotFound"
+        ),
+        _ => true,
+    }
+}
+
+/// `attach`/`detach`/`sync` through mountd; `attach` falls back to fetch + verify in-process.
+pub fn mount_command(op: MountOp<'_>, paths: &Paths) -> Report {
+    let command = op.command();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return Report::failed(command, EXIT_GENERIC, format!("async runtime: {e}")),
+    };
+    let asked = rt.block_on(async {
+        let conn = match tokio::time::timeout(BUS_WAIT, powernode::bus::system_bus()).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(format!("no system bus: {e}")),
+            Err(_) => return Err(format!("no system bus within {BUS_WAIT:?}")),
+        };
+        let proxy = powernode::bus::Mount1Proxy::new(&conn)
+            .await
+            .map_err(|e| format!("com.powernode.Mount1: {e}"))?;
+        let r = match op {
+            MountOp::Attach(id) => proxy
+                .attach(id)
+                .await
+                .map(|d| json!({"module": id, "digest": d})),
+            MountOp::Detach(id) => proxy
+                .detach(id)
+                .await
+                .map(|g| json!({"module": id, "generation": g})),
+            MountOp::Sync => proxy.sync().await.map(|g| json!({"generation": g})),
+        };
+        match r {
+            Err(e) if unreachable(&e) => Err(format!("powernode-mountd is not reachable: {e}")),
+            Err(e) => Ok(Err(powernode::bus::error_from_bus(e))),
+            Ok(mut v) => {
+                if let (Some(o), Ok(t), Ok(m)) = (
+                    v.as_object_mut(),
+                    proxy.target().await,
+                    proxy.union_mounted().await,
+                ) {
+                    o.insert("target".into(), json!(t));
+                    o.insert("union_mounted".into(), json!(m));
+                }
+                Ok(Ok(v))
+            }
+        }
+    });
+    match asked {
+        Ok(Ok(v)) => Report::ok(command, obj(v)),
+        Ok(Err(e)) => {
+            let code = match e.kind() {
+                powernode::ErrorKind::Crypto => EXIT_VERIFY,
+                powernode::ErrorKind::NotFound => EXIT_GENERIC,
+                _ => EXIT_MOUNT,
+            };
+            Report::failed(command, code, e.to_string())
+        }
+        Err(why) => match op {
+            MountOp::Attach(id) => {
+                tracing::warn!("{why}; fetching and verifying in-process, nothing is mounted");
+                let mut r = run("attach", paths, Some(id));
+                r.details.insert("mounted".into(), json!(false));
+                r.details.insert("note".into(), json!(why));
+                r
+            }
+            _ => Report::failed(command, EXIT_MOUNT, why),
+        },
+    }
+}
+
+fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
 use crate::verify_cmd::EXIT_VERIFY;
 
 /// Fetches and verifies the assigned modules (all of them, or only `only`).

@@ -457,3 +457,44 @@ fn module_manifest_is_validated_before_the_image_is_pulled() -> Result<()> {
     );
     Ok(())
 }
+
+/// Without a system bus (no mountd), `attach` still fetches and verifies in-process and says
+/// that nothing was mounted; `detach` and `sync` need mountd and fail with the mount code 3.
+#[test]
+fn attach_without_mountd_verifies_only_and_detach_fails_clearly() -> Result<()> {
+    let node = Node::start()?;
+    node.publish_and_assign("hello", &[])?;
+    node.pin_trusted_root()?;
+    let no_bus = format!("unix:path={}/no-bus", node.work.path().display());
+    let cli = |args: &[&str]| -> Result<(Output, Value)> {
+        let out = run(Command::new(bin("powernode-agent")?)
+            .args(args)
+            .args(["--json", "--root"])
+            .arg(node.root.path())
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &no_bus))?;
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("{args:?}: {}", describe(&out)))?;
+        Ok((out, v))
+    };
+    let (out, v) = cli(&["attach", "hello"])?;
+    ensure!(out.status.success(), "attach: {}", describe(&out));
+    ensure!(v["mounted"] == false, "{v}");
+    ensure!(
+        v["note"].as_str().unwrap_or("").contains("no system bus"),
+        "{v}"
+    );
+    ensure!(
+        node.store_entries().len() == 1,
+        "{:?}",
+        node.store_entries()
+    );
+    for args in [&["detach", "hello"][..], &["sync"][..]] {
+        let (out, v) = cli(args)?;
+        ensure!(out.status.code() == Some(3), "{args:?}: {}", describe(&out));
+        ensure!(
+            v["error"].as_str().unwrap_or("").contains("system bus"),
+            "{v}"
+        );
+    }
+    Ok(())
+}

@@ -409,7 +409,19 @@ fn modules_are_composed_by_systemd_refreshed_atomically_and_detached() -> Result
     }
 
     // Detach everything: units stopped in reverse order, target gone, loops released.
-    mount_call(&c, "Detach", "top")?;
+    // The CLI goes through mountd: `detach` composes without `top`; a module that is not
+    // composed is NotFound (exit 1), not a mount failure.
+    let out = c.exec(&["powernode-agent", "detach", "top", "--json"])?;
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| powernode_integration_tests::describe(&out))?;
+    ensure!(out.status.success() && v["union_mounted"] == true, "{v}");
+    ensure!(v["generation"].as_u64().is_some(), "{v}");
+    let out = c.exec(&["powernode-agent", "detach", "top", "--json"])?;
+    ensure!(
+        out.status.code() == Some(1),
+        "{}",
+        powernode_integration_tests::describe(&out)
+    );
     mount_call(&c, "Detach", "base")?;
     ensure!(prop(&c, "UnionMounted")? == "b false");
     ensure!(mount_units(&c)?.is_empty(), "left: {:?}", mount_units(&c)?);
