@@ -51,6 +51,9 @@ const MAX_COMMIT: usize = 1024;
 const MAX_PIPELINE: usize = 256;
 /// How long a reply may wait for a client that does not read its socket.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(1);
+/// On SIGTERM, the uploader gets this long to empty the queue before the daemon exits
+/// (well inside the unit's TimeoutStopSec; what is left stays on disk for the next start).
+const FLUSH_ON_STOP: Duration = Duration::from_secs(5);
 /// How often the idle check looks again while events are still queued.
 const DRAIN_POLL: Duration = Duration::from_millis(500);
 
@@ -657,7 +660,25 @@ pub async fn serve(
     };
     tokio::select! {
         _ = drained_and_idle => tracing::info!("idle and drained, exiting"),
-        r = powernode::daemon::shutdown_signal() => { r?; tracing::info!(queued = shared.queued(), "signal, exiting"); }
+        r = powernode::daemon::shutdown_signal() => {
+            r?;
+            // Everything queued is already durable; this only saves the next start an upload.
+            // Bounded, so a platform outage never holds up a shutdown.
+            let queued = shared.queued();
+            if queued > 0 {
+                systemd::stopping(&format!("stopping: flushing {queued} events"));
+                let flushed = tokio::time::timeout(FLUSH_ON_STOP, async {
+                    while shared.queued() > 0 {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                })
+                .await
+                .is_ok();
+                tracing::info!(before = queued, left = shared.queued(), flushed, "signal, exiting");
+            } else {
+                tracing::info!("signal, exiting (queue empty)");
+            }
+        }
     }
     systemd::stopping("exiting");
     Ok(())
