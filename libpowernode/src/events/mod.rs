@@ -363,5 +363,21 @@ mod tests {
             .wire(SeverityVocabulary::PartA);
         assert_eq!(wire["severity"], "critical");
         assert!(wire["correlation_id"].is_string());
+        for (ours, upstream) in [
+            ("info", "low"),
+            ("warning", "medium"),
+            ("error", "high"),
+            ("critical", "critical"),
+        ] {
+            let e = Event::new("k", ours, "{}", "s").unwrap();
+            assert_eq!(e.wire(SeverityVocabulary::PartA)["severity"], ours);
+            assert_eq!(e.wire(SeverityVocabulary::Upstream)["severity"], upstream);
+        }
+        let cfg = crate::config::Config::from_toml_str("[events]\nwire_severity = \"upstream\"\n")
+            .unwrap();
+        assert_eq!(cfg.events.wire_severity, SeverityVocabulary::Upstream);
+        assert!(
+            crate::config::Config::from_toml_str("[events]\nwire_severity = \"loud\"\n").is_err()
+        );
     }
 }

@@ -382,5 +382,17 @@ mod tests {
         for (v, ok) in cases {
             assert_eq!(validate(0, &v, "t", false).is_ok(), ok, "{v}");
         }
+        // --upstream-severities: the upstream server's words, and only those.
+        for (sev, ok) in [
+            ("low", true),
+            ("high", true),
+            ("critical", true),
+            ("info", false),
+        ] {
+            let v = json!({"kind":"a","severity":sev,"correlation_id":"x"});
+            assert_eq!(validate(0, &v, "t", true).is_ok(), ok, "{sev}");
+        }
+        let defaulted = validate(0, &json!({"kind":"a","correlation_id":"x"}), "t", true);
+        assert_eq!(defaulted.map(|e| e.severity).as_deref(), Ok("low"));
     }
 }
