@@ -203,7 +203,8 @@ pub async fn fetch_and_verify(
         .map_err(|e| pull_err(e, &refuse, &other))?;
     let registry = reference.registry().to_string();
     let oc = oci::client_for(&registry).map_err(|e| pull_err(e, &refuse, &other))?;
-    let manifest = oci::pull_manifest(&oc, &reference)
+    // An index resolves to this node's architecture; either way the manifest is digest-checked.
+    let (manifest, manifest_digest) = oci::pull_manifest(&oc, &reference)
         .await
         .map_err(|e| pull_err(e, &refuse, &other))?;
     let layer = manifest
@@ -281,7 +282,7 @@ pub async fn fetch_and_verify(
         id: module.id.clone(),
         name: module.name.clone(),
         image_digest: layer.digest.clone(),
-        manifest_digest: art.digest.clone(),
+        manifest_digest,
         fsverity_digest: fsv,
         size_bytes: u64::try_from(layer.size).unwrap_or(0),
         path,

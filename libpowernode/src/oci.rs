@@ -105,16 +105,82 @@ pub fn pinned_reference(reference: &str, digest: &str) -> Result<Reference, Pull
     ))
 }
 
-/// Fetches the image manifest pinned by digest and checks the bytes hash to that digest.
-pub async fn pull_manifest(
+/// The OCI image index media type (a multi-architecture list of manifests).
+pub const OCI_IMAGE_INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
+
+/// The parts of an OCI image index the agent reads (parsed here rather than with oci-client's
+/// types so an unknown architecture name is data, not a parse error).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Index {
+    #[serde(default, rename = "mediaType")]
+    pub media_type: Option<String>,
+    #[serde(default)]
+    pub manifests: Vec<IndexEntry>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct IndexEntry {
+    #[serde(rename = "mediaType")]
+    pub media_type: String,
+    pub digest: String,
+    #[serde(default)]
+    pub platform: Option<IndexPlatform>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct IndexPlatform {
+    pub architecture: String,
+    pub os: String,
+}
+
+/// The manifest for `arch` (GOARCH words) on Linux; refused when the index has none (or, for
+/// safety, more than one: which one would be signed is then ambiguous).
+pub fn select_platform<'a>(index: &'a Index, arch: &str) -> Result<&'a IndexEntry, PullError> {
+    let fits: Vec<&IndexEntry> = index
+        .manifests
+        .iter()
+        .filter(|m| {
+            m.media_type == OCI_IMAGE_MEDIA_TYPE
+                && m.platform
+                    .as_ref()
+                    .is_some_and(|p| p.os == "linux" && p.architecture == arch)
+        })
+        .collect();
+    match fits.as_slice() {
+        [one] => Ok(one),
+        [] => {
+            let have: Vec<String> = index
+                .manifests
+                .iter()
+                .filter_map(|m| m.platform.as_ref())
+                .map(|p| format!("{}/{}", p.os, p.architecture))
+                .collect();
+            Err(PullError::Integrity(format!(
+                "the image index has no manifest for linux/{arch} (it has: {})",
+                if have.is_empty() {
+                    "none".to_string()
+                } else {
+                    have.join(", ")
+                }
+            )))
+        }
+        _ => Err(PullError::Integrity(format!(
+            "the image index lists {} manifests for linux/{arch}",
+            fits.len()
+        ))),
+    }
+}
+
+async fn pull_verified_raw(
     client: &Client,
     reference: &Reference,
-) -> Result<OciImageManifest, PullError> {
+    accept: &[&str],
+) -> Result<Vec<u8>, PullError> {
     let want = reference
         .digest()
         .ok_or_else(|| PullError::Registry("reference is not pinned by digest".into()))?;
     let (raw, _) = client
-        .pull_manifest_raw(reference, &RegistryAuth::Anonymous, &[OCI_IMAGE_MEDIA_TYPE])
+        .pull_manifest_raw(reference, &RegistryAuth::Anonymous, accept)
         .await
         .map_err(|e| PullError::Registry(format!("pulling manifest {reference}: {e}")))?;
     let got = format!("sha256:{}", sha256_hex(&raw));
@@ -123,11 +189,52 @@ pub async fn pull_manifest(
             "manifest digest is {got}, expected {want}"
         )));
     }
-    serde_json::from_slice(&raw).map_err(|e| {
+    Ok(raw.to_vec())
+}
+
+/// Fetches the image manifest pinned by digest and checks the bytes hash to that digest. When
+/// the digest names an image index, the manifest for this node's architecture
+/// ([`crate::architecture`]) is chosen and fetched by its own digest, checked the same way.
+/// Returns the manifest and the digest it was fetched by.
+pub async fn pull_manifest(
+    client: &Client,
+    reference: &Reference,
+) -> Result<(OciImageManifest, String), PullError> {
+    let raw = pull_verified_raw(
+        client,
+        reference,
+        &[OCI_IMAGE_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE],
+    )
+    .await?;
+    let media: Option<String> = serde_json::from_slice::<serde_json::Value>(&raw)
+        .ok()
+        .and_then(|v| {
+            v.get("mediaType")
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+        });
+    let (raw, digest) = if media.as_deref() == Some(OCI_IMAGE_INDEX_MEDIA_TYPE) {
+        let index: Index = serde_json::from_slice(&raw)
+            .map_err(|e| PullError::Registry(format!("image index {reference}: {e}")))?;
+        let entry = select_platform(&index, crate::architecture())?;
+        let child = Reference::with_digest(
+            reference.registry().to_string(),
+            reference.repository().to_string(),
+            entry.digest.clone(),
+        );
+        (
+            pull_verified_raw(client, &child, &[OCI_IMAGE_MEDIA_TYPE]).await?,
+            entry.digest.clone(),
+        )
+    } else {
+        (raw, reference.digest().unwrap_or_default().to_string())
+    };
+    let manifest = serde_json::from_slice(&raw).map_err(|e| {
         PullError::Registry(format!(
             "manifest {reference} is not an OCI image manifest: {e}"
         ))
-    })
+    })?;
+    Ok((manifest, digest))
 }
 
 /// Streams `layer` into `<store>/<sha256 hex>`: temp file, digest and size verified, fsync,
@@ -306,6 +413,52 @@ async fn file_sha256(path: &Path) -> std::io::Result<String> {
 
 #[cfg(test)]
 mod tests {
+
+    fn index(entries: &[(&str, &str)]) -> Index {
+        let manifests: Vec<serde_json::Value> = entries
+            .iter()
+            .enumerate()
+            .map(|(i, (os, arch))| {
+                serde_json::json!({
+                    "mediaType": OCI_IMAGE_MEDIA_TYPE,
+                    "digest": format!("sha256:{i:064}"),
+                    "size": 1,
+                    "platform": {"os": os, "architecture": arch}
+                })
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_IMAGE_INDEX_MEDIA_TYPE,
+            "manifests": manifests
+        }))
+        .expect("index")
+    }
+
+    #[test]
+    fn index_selects_the_node_architecture() {
+        let i = index(&[("linux", "arm64"), ("linux", "amd64"), ("windows", "amd64")]);
+        assert_eq!(
+            select_platform(&i, "amd64").expect("amd64").digest,
+            format!("sha256:{:064}", 1)
+        );
+        let e = select_platform(&i, "riscv64").expect_err("none");
+        assert!(
+            e.to_string().contains("no manifest for linux/riscv64")
+                && e.to_string()
+                    .contains("linux/arm64, linux/amd64, windows/amd64"),
+            "{e}"
+        );
+        let twice = index(&[("linux", "amd64"), ("linux", "amd64")]);
+        assert!(select_platform(&twice, "amd64").is_err());
+        assert!(
+            select_platform(&index(&[]), "amd64")
+                .expect_err("empty")
+                .to_string()
+                .contains("none")
+        );
+    }
+
     use super::*;
 
     #[test]

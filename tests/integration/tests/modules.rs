@@ -82,6 +82,11 @@ impl Node {
         Ok(m)
     }
 
+    /// `module publish --arch ARCH` of the rootfs as version 1.0.0, then `module assign`.
+    fn publish_and_assign_arch(&self, name: &str, arch: &str) -> Result<Value> {
+        self.publish_and_assign(name, &["--arch", arch])
+    }
+
     /// Pin the platform's trusted root on the node (provisioning does this in production).
     fn pin_trusted_root(&self) -> Result<()> {
         fs::copy(
@@ -496,5 +501,131 @@ fn attach_without_mountd_verifies_only_and_detach_fails_clearly() -> Result<()> 
             "{v}"
         );
     }
+    Ok(())
+}
+
+/// One HTTP/1.1 exchange with the loopback registry; returns (status line, body).
+fn registry_http(registry: &str, head: &str, body: &[u8]) -> Result<(String, Vec<u8>)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(registry)?;
+    write!(
+        s,
+        "{head}\r\nHost: {registry}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    s.write_all(body)?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no HTTP header end")?;
+    let status = String::from_utf8_lossy(&resp[..split])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    Ok((status, resp[split + 4..].to_vec()))
+}
+
+/// Push an OCI image index listing `(architecture, manifest digest)` to `repo:tag`; returns
+/// its digest.
+fn push_index(registry: &str, repo: &str, tag: &str, entries: &[(&str, &str)]) -> Result<String> {
+    let mut manifests = Vec::new();
+    for (arch, digest) in entries {
+        let (status, body) = registry_http(
+            registry,
+            &format!(
+                "GET /v2/{repo}/manifests/{digest} HTTP/1.1\r\nAccept: application/vnd.oci.image.manifest.v1+json"
+            ),
+            b"",
+        )?;
+        ensure!(status.contains(" 200 "), "GET manifest {digest}: {status}");
+        manifests.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest,
+            "size": body.len(),
+            "platform": {"architecture": arch, "os": "linux"}
+        }));
+    }
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests
+    }))?;
+    let (status, _) = registry_http(
+        registry,
+        &format!(
+            "PUT /v2/{repo}/manifests/{tag} HTTP/1.1\r\nContent-Type: application/vnd.oci.image.index.v1+json"
+        ),
+        &index,
+    )?;
+    ensure!(status.contains(" 201 "), "PUT index: {status}");
+    Ok(format!("sha256:{}", powernode::oci::sha256_hex(&index)))
+}
+
+/// Point the platform's record of `module` at another artifact digest (what a platform that
+/// publishes multi-architecture indexes would hand out). Atomic replace: the server re-reads
+/// the store under its lock on every request.
+fn set_artifact_digest(node: &Node, module_id: &str, digest: &str) -> Result<()> {
+    let path = node.platform.state.join("store.json");
+    let mut store: Value = serde_json::from_slice(&fs::read(&path)?)?;
+    store["modules"][module_id]["artifact"]["digest"] = Value::String(digest.to_string());
+    let tmp = path.with_extension("json.test-tmp");
+    fs::write(&tmp, serde_json::to_vec_pretty(&store)?)?;
+    fs::rename(&tmp, &path)?;
+    Ok(())
+}
+
+/// A multi-architecture index: the node takes the manifest for its own architecture (the
+/// amd64 image, not the arm64 one published beside it), and an index without it is refused.
+#[test]
+fn an_image_index_resolves_to_the_node_architecture() -> Result<()> {
+    ensure!(
+        powernode::architecture() == "amd64",
+        "this test publishes for amd64"
+    );
+    let node = Node::start()?;
+    fs::write(node.rootfs().join("etc/hello/arch"), "arm64\n")?;
+    let arm = node.publish_and_assign_arch("hello", "arm64")?;
+    fs::write(node.rootfs().join("etc/hello/arch"), "amd64\n")?;
+    let amd = node.publish_and_assign_arch("hello", "amd64")?;
+    node.pin_trusted_root()?;
+    let id = amd["id"].as_str().context("id")?;
+    let reference = amd["artifact"]["ref"].as_str().context("ref")?;
+    let repo = reference
+        .split_once('/')
+        .map(|(_, r)| r)
+        .and_then(|r| r.rsplit_once(':'))
+        .map(|(r, _)| r)
+        .context("repository")?;
+    let (d_arm, d_amd) = (
+        arm["artifact"]["digest"].as_str().context("arm digest")?,
+        amd["artifact"]["digest"].as_str().context("amd digest")?,
+    );
+    let both = push_index(
+        &node.registry.addr,
+        repo,
+        "1.0.0",
+        &[("arm64", d_arm), ("amd64", d_amd)],
+    )?;
+    set_artifact_digest(&node, id, &both)?;
+    let (out, v) = node.update()?;
+    ensure!(out.status.success(), "update: {}", describe(&out));
+    let got = &v["modules"][0];
+    ensure!(
+        got["image_digest"] == amd["artifact"]["image_digest"] && got["manifest_digest"] == d_amd,
+        "picked the wrong manifest: {v}"
+    );
+
+    let only_arm = push_index(&node.registry.addr, repo, "arm-only", &[("arm64", d_arm)])?;
+    set_artifact_digest(&node, id, &only_arm)?;
+    let (out, v) = node.update()?;
+    ensure!(out.status.code() == Some(2), "update: {}", describe(&out));
+    let err = v["error"].as_str().unwrap_or_default();
+    ensure!(
+        err.contains("no manifest for linux/amd64") && err.contains("linux/arm64"),
+        "{v}"
+    );
     Ok(())
 }
