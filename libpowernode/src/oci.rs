@@ -13,7 +13,6 @@ use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::{OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageManifest};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
-use tokio::io::AsyncWriteExt as _;
 
 /// Artifact type of a module manifest.
 pub const MODULE_ARTIFACT_TYPE: &str = "application/vnd.powernode.module.v1";
@@ -237,15 +236,28 @@ pub async fn pull_manifest(
     Ok((manifest, digest))
 }
 
-/// Streams `layer` into `<store>/<sha256 hex>`: temp file, digest and size verified, fsync,
-/// rename. Already present (and intact) → nothing is downloaded. Returns the final path.
+/// How often one pull resumes an interrupted download before giving up (the partial file stays
+/// for the next pull to resume).
+const RESUME_ATTEMPTS: u32 = 8;
+
+/// Streams `layer` into `<store>/<sha256 hex>`: a partial file `.<hex>.partial` (locked, so one
+/// puller per blob), resumed with an HTTP range request after an interrupted download — within
+/// this pull, or by the next one after a crash — then size and digest checked over the whole
+/// file, fsync, rename, fsync dir. Already present (and intact) → nothing is downloaded. A
+/// digest mismatch removes the partial file, so a bad byte is never resumed from.
 pub async fn pull_blob_to_store(
     client: &Client,
     reference: &Reference,
     layer: &OciDescriptor,
     store: &Path,
 ) -> Result<PathBuf, PullError> {
+    use futures_util::StreamExt as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    use tokio::io::{AsyncSeekExt as _, AsyncWriteExt as _};
+
     let want_hex = digest_hex(&layer.digest)?.to_string();
+    let size = u64::try_from(layer.size)
+        .map_err(|_| PullError::Integrity(format!("blob {} has a negative size", layer.digest)))?;
     let io = |what: &str, p: &Path, e: std::io::Error| {
         PullError::Io(format!("{what} {}: {e}", p.display()))
     };
@@ -256,64 +268,136 @@ pub async fn pull_blob_to_store(
     if dest.is_file() && file_sha256(&dest).await.ok().as_deref() == Some(want_hex.as_str()) {
         return Ok(dest);
     }
-    let tmp = store.join(format!(".{want_hex}.{}.partial", std::process::id()));
-    let result = async {
-        let file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .await
-            .map_err(|e| io("creating", &tmp, e))?;
-        let mut w = Capped {
-            inner: tokio::io::BufWriter::new(file),
-            left: u64::try_from(layer.size).unwrap_or(0),
-        };
-        client
-            .pull_blob(reference, layer, &mut w)
-            .await
-            .map_err(|e| match e {
-                oci_client::errors::OciDistributionError::DigestError(d) => {
-                    PullError::Integrity(format!("blob {}: {d}", layer.digest))
-                }
-                other => PullError::Registry(format!("pulling blob {}: {other}", layer.digest)),
-            })?;
-        w.flush().await.map_err(|e| io("writing", &tmp, e))?;
-        let file = w.inner.into_inner();
-        file.sync_all().await.map_err(|e| io("syncing", &tmp, e))?;
-        drop(file);
-        // Belt and braces: check what is on disk, not what the client says it streamed.
-        let meta = tokio::fs::metadata(&tmp)
-            .await
-            .map_err(|e| io("reading", &tmp, e))?;
-        if i64::try_from(meta.len()).ok() != Some(layer.size) {
-            return Err(PullError::Integrity(format!(
-                "blob {} has {} bytes, the manifest says {}",
+    let partial = store.join(format!(".{want_hex}.partial"));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&partial)
+        .map_err(|e| io("opening", &partial, e))?;
+    let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |_| {
+            PullError::Io(format!(
+                "another pull of blob {} is in progress ({} is locked)",
                 layer.digest,
-                meta.len(),
-                layer.size
-            )));
-        }
-        let got = file_sha256(&tmp)
+                partial.display()
+            ))
+        },
+    )?;
+    let std_file = lock.try_clone().map_err(|e| io("opening", &partial, e))?;
+    let mut out = tokio::fs::File::from_std(std_file);
+    let mut have = out
+        .metadata()
+        .await
+        .map_err(|e| io("reading", &partial, e))?
+        .len();
+    if have > size {
+        out.set_len(0)
             .await
-            .map_err(|e| io("reading", &tmp, e))?;
-        if got != want_hex {
-            return Err(PullError::Integrity(format!(
-                "blob digest is sha256:{got}, expected {}",
-                layer.digest
-            )));
+            .map_err(|e| io("truncating", &partial, e))?;
+        have = 0;
+    }
+    if have > 0 {
+        tracing::info!(blob = %layer.digest, have, size, "resuming an earlier partial download");
+    }
+    let mut failures = 0u32;
+    while have < size {
+        let stream = if have == 0 {
+            client
+                .pull_blob_stream(reference, layer)
+                .await
+                .map(|s| (s, false))
+        } else {
+            client
+                .pull_blob_stream_partial(reference, layer, have, None)
+                .await
+                .map(|r| match r {
+                    oci_client::client::BlobResponse::Partial(s) => (s, false),
+                    // The registry ignored the range: start over.
+                    oci_client::client::BlobResponse::Full(s) => (s, true),
+                })
+        };
+        let outcome: Result<(), String> = match stream {
+            Err(e) => Err(e.to_string()),
+            Ok((s, restart)) => {
+                if restart {
+                    out.set_len(0)
+                        .await
+                        .map_err(|e| io("truncating", &partial, e))?;
+                    have = 0;
+                }
+                out.seek(std::io::SeekFrom::Start(have))
+                    .await
+                    .map_err(|e| io("seeking", &partial, e))?;
+                let mut stream = s.stream;
+                let mut r = Ok(());
+                while let Some(chunk) = stream.next().await {
+                    match chunk {
+                        Ok(c) => {
+                            if have + c.len() as u64 > size {
+                                return Err(PullError::Integrity(format!(
+                                    "registry sent more than the {size} bytes of blob {}",
+                                    layer.digest
+                                )));
+                            }
+                            out.write_all(&c)
+                                .await
+                                .map_err(|e| io("writing", &partial, e))?;
+                            have += c.len() as u64;
+                        }
+                        Err(e) => {
+                            r = Err(e.to_string());
+                            break;
+                        }
+                    }
+                }
+                if r.is_ok() && have < size {
+                    r = Err(format!("stream ended at {have} of {size} bytes"));
+                }
+                r
+            }
+        };
+        out.flush().await.map_err(|e| io("writing", &partial, e))?;
+        if let Err(e) = outcome {
+            failures += 1;
+            if failures >= RESUME_ATTEMPTS {
+                out.sync_all()
+                    .await
+                    .map_err(|e| io("syncing", &partial, e))?;
+                return Err(PullError::Registry(format!(
+                    "pulling blob {}: {e} ({have} of {size} bytes kept for the next pull)",
+                    layer.digest
+                )));
+            }
+            tracing::warn!(blob = %layer.digest, have, size, error = %e, "download interrupted; resuming");
+            tokio::time::sleep(std::time::Duration::from_millis(100 * u64::from(failures))).await;
         }
-        tokio::fs::rename(&tmp, &dest)
-            .await
-            .map_err(|e| io("renaming into", &dest, e))?;
-        crate::fsutil::fsync_dir(store).map_err(|e| PullError::Io(e.to_string()))?;
-        Ok(dest.clone())
     }
-    .await;
-    if result.is_err() {
-        let _ = tokio::fs::remove_file(&tmp).await;
+    out.sync_all()
+        .await
+        .map_err(|e| io("syncing", &partial, e))?;
+    drop(out);
+    let got = file_sha256(&partial)
+        .await
+        .map_err(|e| io("reading", &partial, e))?;
+    if got != want_hex {
+        // Never resume from bytes that do not hash right: the partial goes.
+        if let Err(e) = std::fs::remove_file(&partial) {
+            tracing::warn!(path = %partial.display(), error = %e, "cannot remove a bad partial download");
+        }
+        return Err(PullError::Integrity(format!(
+            "blob digest is sha256:{got}, expected {}",
+            layer.digest
+        )));
     }
-    result
+    tokio::fs::rename(&partial, &dest)
+        .await
+        .map_err(|e| io("renaming into", &dest, e))?;
+    crate::fsutil::fsync_dir(store).map_err(|e| PullError::Io(e.to_string()))?;
+    drop(lock);
+    Ok(dest)
 }
 
 /// Pulls a small blob (the module's manifest.yaml) into memory, refusing one whose descriptor

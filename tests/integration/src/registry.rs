@@ -111,3 +111,64 @@ impl Drop for Registry {
         }
     }
 }
+
+/// A TCP forwarder in front of a registry that cuts every connection after `cut` bytes from the
+/// registry: a download larger than that is interrupted (again and again), which is what an
+/// unreliable network does to a big blob. Runs until dropped with the test process.
+pub struct CuttingProxy {
+    /// `127.0.0.1:PORT`
+    pub addr: String,
+    /// Connections cut so far.
+    pub cuts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CuttingProxy {
+    pub fn start(target: &str, cut: usize) -> Result<CuttingProxy> {
+        use std::io::{Read as _, Write as _};
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?.to_string();
+        let cuts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (target, counter) = (target.to_string(), cuts.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().map_while(Result::ok) {
+                let Ok(server) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                let (Ok(mut c_in), Ok(mut s_out)) = (client.try_clone(), server.try_clone()) else {
+                    continue;
+                };
+                // client → registry: unlimited.
+                std::thread::spawn(move || std::io::copy(&mut c_in, &mut s_out));
+                let counter = counter.clone();
+                let (mut s_in, mut c_out) = (server, client);
+                // registry → client: at most `cut` bytes, then both sides are shut.
+                std::thread::spawn(move || {
+                    let mut sent = 0usize;
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match s_in.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let n = n.min(cut - sent);
+                        if c_out.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        sent += n;
+                        if sent >= cut {
+                            counter.fetch_add(1, Ordering::SeqCst);
+                            break;
+                        }
+                    }
+                    for s in [&c_out, &s_in] {
+                        if let Err(e) = s.shutdown(std::net::Shutdown::Both) {
+                            eprintln!("cutting proxy: shutdown: {e}");
+                        }
+                    }
+                });
+            }
+        });
+        Ok(CuttingProxy { addr, cuts })
+    }
+}

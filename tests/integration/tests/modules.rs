@@ -278,10 +278,84 @@ fn truncated_blob_in_the_registry_is_refused() -> Result<()> {
     fs::write(&blob, &bytes[..bytes.len() - 100])?;
     let (out, _) = node.update()?;
     ensure!(out.status.code() != Some(0), "update: {}", describe(&out));
+    let hex = digest.trim_start_matches("sha256:");
     ensure!(
-        node.store_entries().is_empty(),
-        "store: {:?}",
+        node.store_entries() == vec![format!(".{hex}.partial")],
+        "only the partial download may stay: {:?}",
         node.store_entries()
+    );
+    // The registry heals; the next pull resumes from the bytes it already has.
+    fs::write(&blob, &bytes)?;
+    let (out, _) = node.update()?;
+    ensure!(out.status.success(), "update: {}", describe(&out));
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("resuming an earlier partial download"),
+        "{}",
+        describe(&out)
+    );
+    ensure!(
+        node.store_entries() == vec![hex.to_string()],
+        "{:?}",
+        node.store_entries()
+    );
+    Ok(())
+}
+
+/// Point the platform's record of `module` at another registry address (a proxy in front of
+/// the same registry).
+fn set_artifact_registry(node: &Node, module_id: &str, addr: &str) -> Result<()> {
+    let path = node.platform.state.join("store.json");
+    let mut store: Value = serde_json::from_slice(&fs::read(&path)?)?;
+    let r = &mut store["modules"][module_id]["artifact"]["ref"];
+    let old = r.as_str().context("ref")?.to_string();
+    *r = Value::String(old.replacen(&node.registry.addr, addr, 1));
+    let tmp = path.with_extension("json.test-tmp");
+    fs::write(&tmp, serde_json::to_vec_pretty(&store)?)?;
+    fs::rename(&tmp, &path)?;
+    Ok(())
+}
+
+/// A network that cuts every connection after 1 MiB: a 3 MiB module still arrives, by ranged
+/// resumption, intact.
+#[test]
+fn an_interrupted_download_resumes() -> Result<()> {
+    let node = Node::start()?;
+    let mut x: u32 = 0x1234_5678;
+    let noise: Vec<u8> = (0..3 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    fs::write(node.rootfs().join("etc/hello/noise.bin"), &noise)?;
+    let m = node.publish_and_assign("hello", &[])?;
+    node.pin_trusted_root()?;
+    let proxy =
+        powernode_integration_tests::registry::CuttingProxy::start(&node.registry.addr, 1 << 20)?;
+    set_artifact_registry(&node, m["id"].as_str().context("id")?, &proxy.addr)?;
+    let (out, v) = node.update()?;
+    ensure!(out.status.success(), "update: {}", describe(&out));
+    let cuts = proxy.cuts.load(std::sync::atomic::Ordering::SeqCst);
+    ensure!(cuts >= 2, "the proxy cut only {cuts} connections");
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("download interrupted; resuming"),
+        "{}",
+        describe(&out)
+    );
+    let hex = m["artifact"]["image_digest"]
+        .as_str()
+        .context("digest")?
+        .trim_start_matches("sha256:");
+    let stored = fs::read(node.store().join(hex))?;
+    ensure!(
+        powernode::oci::sha256_hex(&stored) == hex,
+        "stored bytes differ"
+    );
+    ensure!(
+        v["modules"][0]["image_digest"] == m["artifact"]["image_digest"],
+        "{v}"
     );
     Ok(())
 }
