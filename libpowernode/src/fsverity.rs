@@ -96,6 +96,20 @@ pub fn format(d: &[u8; HASH_LEN]) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn kernel_verity_on_tmpfs_is_unsupported_not_an_error() {
+        // /dev/shm is tmpfs everywhere: no fs-verity, whatever the kernel.
+        let dir = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
+        let f = dir.path().join("img");
+        std::fs::write(&f, b"module bytes").expect("write");
+        let want = format(&digest_file(&f).expect("digest"));
+        match enable_and_measure(&f, &want).expect("no error") {
+            KernelVerity::Unsupported(why) => assert!(!why.is_empty()),
+            KernelVerity::Enforced => panic!("tmpfs cannot enforce fs-verity"),
+        }
+    }
+
     use super::*;
 
     fn hexdigest(data: &[u8]) -> String {
@@ -138,4 +152,42 @@ mod tests {
     const PAGE: &str = "sha256:dae733f4cb5a63767cb1041a2bd774ca90c91dfd490554e5edab17886d474600";
     const PAGE_PLUS_ONE: &str =
         "sha256:d2619d9db529bfcc1b0179d7f22a3275ef40456580ebd246fb1c0faa70cc1f6c";
+}
+
+/// What the kernel said about fs-verity on a stored image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelVerity {
+    /// Enabled (now or earlier) and the kernel's measurement equals the expected digest: every
+    /// later read of the file is verified by the kernel.
+    Enforced,
+    /// The filesystem cannot do fs-verity (tmpfs, ext4 without `-O verity`, …): the userspace
+    /// digest is all there is.
+    Unsupported(String),
+}
+
+/// Enable fs-verity on `path` (idempotent: an already-verity file is only measured) and compare
+/// the kernel's measurement with `expected` (`sha256:<hex>`). A mismatch is an error.
+pub fn enable_and_measure(path: &Path, expected: &str) -> std::io::Result<KernelVerity> {
+    use nix::errno::Errno;
+    let file = std::fs::File::open(path)?;
+    match crate::sys::enable_verity(&file) {
+        Ok(()) | Err(Errno::EEXIST) => {}
+        Err(e @ (Errno::EOPNOTSUPP | Errno::ENOTTY | Errno::EINVAL)) => {
+            return Ok(KernelVerity::Unsupported(e.desc().to_string()));
+        }
+        // Enabling needs the file not open for writing anywhere; any other error is real.
+        Err(e) => return Err(std::io::Error::from(e)),
+    }
+    let (alg, d) = crate::sys::measure_verity(&file).map_err(std::io::Error::from)?;
+    let got = format!(
+        "sha256:{}",
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    );
+    if alg != 1 || got != expected {
+        return Err(std::io::Error::other(format!(
+            "the kernel measures {} as {got} (algorithm {alg}), expected {expected}",
+            path.display()
+        )));
+    }
+    Ok(KernelVerity::Enforced)
 }

@@ -28,6 +28,7 @@ pub mod pki;
 pub mod retry;
 pub mod rotation;
 pub mod sandbox;
+pub mod sys;
 pub mod sysinfo;
 pub mod systemd;
 pub mod systemd1;

@@ -86,6 +86,8 @@ pub struct Fetched {
     pub size_bytes: u64,
     pub path: PathBuf,
     pub signer: String,
+    /// `enforced` (the kernel verifies every read) or `unsupported (<why>)`.
+    pub kernel_verity: String,
     /// The module's validated manifest.yaml.
     #[serde(skip)]
     pub manifest: crate::manifest::Manifest,
@@ -278,7 +280,32 @@ pub async fn fetch_and_verify(
             "fs-verity digest of the image is {fsv}, the artifact says {want_fsverity}"
         )));
     }
+    // Where the filesystem can, hand the check to the kernel: from here on every read of the
+    // image is verified against the digest we just checked.
+    let p = path.clone();
+    let want = want_fsverity.clone();
+    let kernel =
+        tokio::task::spawn_blocking(move || crate::fsverity::enable_and_measure(&p, &want))
+            .await
+            .map_err(|e| other(e.to_string()))?;
+    let kernel_verity = match kernel {
+        Ok(crate::fsverity::KernelVerity::Enforced) => {
+            tracing::info!(module = %module.name, "fs-verity enabled; the kernel measurement matches");
+            "enforced".to_string()
+        }
+        Ok(crate::fsverity::KernelVerity::Unsupported(why)) => {
+            tracing::debug!(module = %module.name, why, "filesystem without fs-verity");
+            format!("unsupported ({why})")
+        }
+        Err(e) => {
+            if let Err(rm) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %rm, "cannot remove a refused image");
+            }
+            return Err(refuse(format!("kernel fs-verity: {e}")));
+        }
+    };
     Ok(Fetched {
+        kernel_verity,
         id: module.id.clone(),
         name: module.name.clone(),
         image_digest: layer.digest.clone(),
