@@ -8,6 +8,7 @@ mod api;
 mod ca;
 mod events;
 mod fsutil;
+mod fulcio;
 mod jwt;
 mod modules;
 mod server;
@@ -161,6 +162,17 @@ enum ModuleCommand {
         /// Record no trust policy (the agent must then refuse the module).
         #[arg(long)]
         no_policy: bool,
+        /// Sign keyless as this identity (a URI, or an email address): an ephemeral key with a
+        /// 10-minute certificate from the platform's Fulcio-style CA. The trust policy becomes
+        /// this identity and `--issuer`.
+        #[arg(long, requires = "issuer", conflicts_with = "policy_key")]
+        identity: Option<String>,
+        /// The OIDC issuer URL recorded in the keyless certificate.
+        #[arg(long, requires = "identity")]
+        issuer: Option<String>,
+        /// Record this identity regexp in the trust policy instead of `^<identity>$`.
+        #[arg(long, requires = "identity")]
+        policy_identity: Option<String>,
         rootfs: PathBuf,
     },
     /// Assign a module (name or id) to an instance.
@@ -315,8 +327,14 @@ fn module_command(command: ModuleCommand) -> Result<()> {
             out,
             policy_key,
             no_policy,
+            identity,
+            issuer,
+            policy_identity,
             rootfs,
         } => {
+            let identity = identity
+                .zip(issuer)
+                .map(|(subject, issuer)| fulcio::Identity { subject, issuer });
             let args = modules::PublishArgs {
                 state,
                 registry,
@@ -327,6 +345,8 @@ fn module_command(command: ModuleCommand) -> Result<()> {
                 out,
                 policy_key,
                 no_policy,
+                identity,
+                policy_identity,
             };
             let m = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -9,6 +9,15 @@
 //! entry timestamp (SET) by the log key. `trusted_root.json` lists that log key. This is what
 //! `powernode-agent verify --key signing.pub --trusted-root trusted_root.json` accepts.
 //!
+//! Keyless signing (`--identity`, `--issuer`) is what production CI does with cosign, so the
+//! agent's identity policies can be exercised end to end: an ephemeral P-256 key gets a
+//! 10-minute certificate from the platform's Fulcio-style CA ([`crate::fulcio`]) with the
+//! identity as SAN, the OIDC issuer extensions and an embedded SCT from the platform's CT log
+//! key. The image signature, that certificate and a `hashedrekord` entry naming it (SET,
+//! inclusion proof and signed checkpoint) form a Sigstore bundle v0.3; `trusted_root.json` also
+//! lists the CA and the CT log, and the trust policy becomes `^<identity>$` + `^<issuer>$`.
+//! `powernode-agent verify --certificate-identity I --certificate-oidc-issuer U` accepts it.
+//!
 //! Artifact (docs/ARCHITECTURE.md §3c): artifactType `application/vnd.powernode.module.v1`,
 //! config `application/vnd.powernode.module.config.v1+json`, layers `manifest.yaml`
 //! (`application/vnd.powernode.module.manifest.v1+yaml`) and the EROFS image
@@ -36,6 +45,7 @@ use serde_json::{Value, json};
 
 use crate::api::{ApiError, AppState, InstanceAuth, blocking, success};
 use crate::fsutil;
+use crate::fulcio::{Fulcio, Identity};
 use crate::store::{Outcome, Store, hex, sha256_hex};
 
 const ARTIFACT_TYPE: &str = "application/vnd.powernode.module.v1";
@@ -78,14 +88,15 @@ pub struct Module {
     pub trust_policy: Option<Value>,
 }
 
-struct Signer {
+/// A persistent P-256 key (signing, transparency log, CT log).
+pub(crate) struct Signer {
     key: EcdsaKeyPair,
     spki: Vec<u8>,
 }
 
 impl Signer {
     /// Load `<dir>/<name>.p8`, generating it on first use.
-    fn load_or_create(dir: &Path, name: &str) -> Result<Signer> {
+    pub(crate) fn load_or_create(dir: &Path, name: &str) -> Result<Signer> {
         let path = dir.join(format!("{name}.p8"));
         let pkcs8 = match std::fs::read(&path) {
             Ok(b) => b,
@@ -100,14 +111,19 @@ impl Signer {
             }
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
-        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &pkcs8)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Signer::from_pkcs8(&pkcs8).with_context(|| path.display().to_string())
+    }
+
+    fn from_pkcs8(pkcs8: &[u8]) -> Result<Signer> {
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8)
+            .map_err(|e| anyhow::anyhow!("not a P-256 PKCS#8 key: {e}"))?;
         let mut spki = P256_SPKI_PREFIX.to_vec();
         spki.extend_from_slice(key.public_key().as_ref());
         Ok(Signer { key, spki })
     }
 
-    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>> {
+    /// ECDSA P-256 SHA-256, ASN.1 DER signature.
+    pub(crate) fn sign(&self, msg: &[u8]) -> Result<Vec<u8>> {
         Ok(self
             .key
             .sign(&SystemRandom::new(), msg)
@@ -127,17 +143,62 @@ impl Signer {
         out
     }
 
-    fn key_id(&self) -> Vec<u8> {
+    /// SHA-256 of the SPKI: the log ID of Rekor v1 and CT logs.
+    pub(crate) fn key_id(&self) -> Vec<u8> {
         aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &self.spki)
             .as_ref()
             .to_vec()
     }
 }
 
-/// The platform's signing key, log key and trusted root (created on first use).
+/// PEM of a DER certificate.
+fn cert_pem(der: &[u8]) -> String {
+    let b = B64.encode(der);
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for chunk in b.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(chunk));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
+/// A `tlogs`/`ctlogs` entry of `trusted_root.json` for `key`.
+pub(crate) fn log_entry(key: &Signer, base_url: &str) -> Value {
+    json!({
+        "baseUrl": base_url,
+        "hashAlgorithm": "SHA2_256",
+        "publicKey": {
+            "rawBytes": B64.encode(&key.spki),
+            "keyDetails": "PKIX_ECDSA_P256_SHA_256",
+            "validFor": {"start": "2020-01-01T00:00:00Z"}
+        },
+        "logId": {"keyId": B64.encode(key.key_id())}
+    })
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> Result<String> {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .context("formatting a time")
+}
+
+/// The regular expression matching exactly `s` (the agent's matchers are unanchored).
+fn exact_regex(s: &str) -> String {
+    format!("^{}$", regex::escape(s))
+}
+
+/// Origin line of the checkpoints (signed notes) of the one-entry logs.
+const CHECKPOINT_ORIGIN: &str = "devplatform.invalid/rekor";
+const BUNDLE_V01: &str = "application/vnd.dev.sigstore.bundle+json;version=0.1";
+const BUNDLE_V03: &str = "application/vnd.dev.sigstore.bundle.v0.3+json";
+
+/// The platform's signing key, log key, Fulcio CA, CT log key and trusted root (created on
+/// first use).
 struct Sigstore {
     signing: Signer,
     log: Signer,
+    fulcio: Fulcio,
+    ctlog: Signer,
     dir: PathBuf,
 }
 
@@ -148,6 +209,8 @@ impl Sigstore {
         let s = Sigstore {
             signing: Signer::load_or_create(&dir, "signing")?,
             log: Signer::load_or_create(&dir, "log")?,
+            fulcio: Fulcio::load_or_create(&dir)?,
+            ctlog: Signer::load_or_create(&dir, "ctlog")?,
             dir,
         };
         fsutil::write_atomic(
@@ -155,7 +218,7 @@ impl Sigstore {
             s.signing.public_pem().as_bytes(),
             fsutil::MODE_PUBLIC,
         )?;
-        let root = s.trusted_root();
+        let root = s.trusted_root()?;
         fsutil::write_atomic(
             &s.dir.join("trusted_root.json"),
             serde_json::to_string_pretty(&root)?.as_bytes(),
@@ -164,42 +227,49 @@ impl Sigstore {
         Ok(s)
     }
 
-    fn trusted_root(&self) -> Value {
-        json!({
+    fn trusted_root(&self) -> Result<Value> {
+        Ok(json!({
             "mediaType": "application/vnd.dev.sigstore.trustedroot+json;version=0.1",
-            "tlogs": [{
-                "baseUrl": "https://devplatform.invalid/rekor",
-                "hashAlgorithm": "SHA2_256",
-                "publicKey": {
-                    "rawBytes": B64.encode(&self.log.spki),
-                    "keyDetails": "PKIX_ECDSA_P256_SHA_256",
-                    "validFor": {"start": "2020-01-01T00:00:00Z"}
+            "tlogs": [log_entry(&self.log, "https://devplatform.invalid/rekor")],
+            "certificateAuthorities": [{
+                "subject": {
+                    "organization": "powernode-devplatform",
+                    "commonName": "powernode-devplatform fulcio"
                 },
-                "logId": {"keyId": B64.encode(self.log.key_id())}
+                "uri": "https://devplatform.invalid/fulcio",
+                "certChain": {"certificates": [{"rawBytes": B64.encode(self.fulcio.ca_der())}]},
+                "validFor": {
+                    "start": rfc3339(self.fulcio.not_before)?,
+                    "end": rfc3339(self.fulcio.not_after)?
+                }
             }],
-            "certificateAuthorities": [],
-            "ctlogs": [],
+            "ctlogs": [log_entry(&self.ctlog, "https://devplatform.invalid/ct")],
             "timestampAuthorities": []
-        })
+        }))
     }
 
-    /// A key-based Sigstore bundle v0.1 over `image` with a SET from the log key.
-    fn bundle(&self, image: &[u8]) -> Result<Value> {
-        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, image);
-        let sig = self.signing.sign(image)?;
-        let body = json!({
+    /// The hashedrekord 0.0.1 body Rekor would log for `sig` over an image of `digest`;
+    /// `verifier_pem` is the signer's public key or certificate (PEM).
+    fn hashedrekord(digest: &[u8], sig: &[u8], verifier_pem: &str) -> Value {
+        json!({
             "apiVersion": "0.0.1",
             "kind": "hashedrekord",
             "spec": {
-                "data": {"hash": {"algorithm": "sha256", "value": hex(digest.as_ref())}},
+                "data": {"hash": {"algorithm": "sha256", "value": hex(digest)}},
                 "signature": {
-                    "content": B64.encode(&sig),
-                    "publicKey": {"content": B64.encode(self.signing.public_pem())}
+                    "content": B64.encode(sig),
+                    "publicKey": {"content": B64.encode(verifier_pem)}
                 }
             }
-        });
-        let body_b64 = B64.encode(serde_json::to_vec(&body)?);
-        let integrated = time::OffsetDateTime::now_utc().unix_timestamp();
+        })
+    }
+
+    /// The tlog entry for `body` as log index 0 of a one-entry log: a signed entry timestamp
+    /// (SET) by the log key, and with `proof` also the inclusion proof and its signed
+    /// checkpoint (which bundles from v0.2 on must carry).
+    fn tlog_entry(&self, body: &Value, integrated: i64, proof: bool) -> Result<Value> {
+        let body_bytes = serde_json::to_vec(body)?;
+        let body_b64 = B64.encode(&body_bytes);
         let log_id = self.log.key_id();
         // Canonical JSON (keys sorted, no whitespace), as Rekor signs it.
         let set_payload = format!(
@@ -208,18 +278,83 @@ impl Sigstore {
             hex(&log_id)
         );
         let set = self.log.sign(set_payload.as_bytes())?;
+        let mut entry = json!({
+            "logIndex": "0",
+            "logId": {"keyId": B64.encode(&log_id)},
+            "kindVersion": {"kind": "hashedrekord", "version": "0.0.1"},
+            "integratedTime": integrated.to_string(),
+            "inclusionPromise": {"signedEntryTimestamp": B64.encode(&set)},
+            "canonicalizedBody": body_b64
+        });
+        if proof {
+            // RFC 6962: the root of a one-leaf tree is the leaf hash, with an empty audit path.
+            let mut leaf = vec![0u8];
+            leaf.extend_from_slice(&body_bytes);
+            let root = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &leaf);
+            let text = format!(
+                "{CHECKPOINT_ORIGIN} - 0\n1\n{}\n",
+                B64.encode(root.as_ref())
+            );
+            // Signed note: the signature is prefixed with the first 4 bytes of the key ID.
+            let mut note_sig = log_id.get(..4).context("short log ID")?.to_vec();
+            note_sig.extend_from_slice(&self.log.sign(text.as_bytes())?);
+            let envelope = format!(
+                "{text}\n\u{2014} {CHECKPOINT_ORIGIN} {}\n",
+                B64.encode(&note_sig)
+            );
+            entry["inclusionProof"] = json!({
+                "logIndex": "0",
+                "rootHash": B64.encode(root.as_ref()),
+                "treeSize": "1",
+                "hashes": [],
+                "checkpoint": {"envelope": envelope}
+            });
+        }
+        Ok(entry)
+    }
+
+    /// A key-based Sigstore bundle v0.1 over `image` with a SET from the log key.
+    fn bundle(&self, image: &[u8]) -> Result<Value> {
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, image);
+        let sig = self.signing.sign(image)?;
+        let body = Self::hashedrekord(digest.as_ref(), &sig, &self.signing.public_pem());
+        let integrated = time::OffsetDateTime::now_utc().unix_timestamp();
         Ok(json!({
-            "mediaType": "application/vnd.dev.sigstore.bundle+json;version=0.1",
+            "mediaType": BUNDLE_V01,
             "verificationMaterial": {
                 "publicKey": {"hint": B64.encode(self.signing.key_id())},
-                "tlogEntries": [{
-                    "logIndex": "0",
-                    "logId": {"keyId": B64.encode(&log_id)},
-                    "kindVersion": {"kind": "hashedrekord", "version": "0.0.1"},
-                    "integratedTime": integrated.to_string(),
-                    "inclusionPromise": {"signedEntryTimestamp": B64.encode(&set)},
-                    "canonicalizedBody": body_b64
-                }]
+                "tlogEntries": [self.tlog_entry(&body, integrated, false)?]
+            },
+            "messageSignature": {
+                "messageDigest": {"algorithm": "SHA2_256", "digest": B64.encode(digest.as_ref())},
+                "signature": B64.encode(&sig)
+            }
+        }))
+    }
+
+    /// A keyless Sigstore bundle v0.3 over `image`, as cosign writes it today: an ephemeral
+    /// key, its Fulcio-style certificate for `identity` (`verificationMaterial.certificate`),
+    /// a hashedrekord entry naming that certificate, with SET, inclusion proof and checkpoint.
+    /// The ephemeral key is dropped on return, as in real keyless signing.
+    fn keyless_bundle(&self, image: &[u8], identity: &Identity) -> Result<Value> {
+        let pkcs8 =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &SystemRandom::new())
+                .map_err(|_| anyhow::anyhow!("generating the ephemeral key"))?;
+        let ephemeral = Signer::from_pkcs8(pkcs8.as_ref())?;
+        let cert_key = rcgen::KeyPair::try_from(pkcs8.as_ref())
+            .context("loading the ephemeral key for the certificate")?;
+        let now = time::OffsetDateTime::now_utc();
+        let cert = self.fulcio.issue(&cert_key, identity, &self.ctlog, now)?;
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, image);
+        let sig = ephemeral.sign(image)?;
+        let body = Self::hashedrekord(digest.as_ref(), &sig, &cert_pem(&cert));
+        // Logged right after signing: inside the certificate's 10 minutes.
+        let integrated = now.unix_timestamp();
+        Ok(json!({
+            "mediaType": BUNDLE_V03,
+            "verificationMaterial": {
+                "certificate": {"rawBytes": B64.encode(&cert)},
+                "tlogEntries": [self.tlog_entry(&body, integrated, true)?]
             },
             "messageSignature": {
                 "messageDigest": {"algorithm": "SHA2_256", "digest": B64.encode(digest.as_ref())},
@@ -243,6 +378,11 @@ pub struct PublishArgs {
     pub policy_key: Option<PathBuf>,
     /// Record no trust policy at all (to exercise the agent's fail-closed path).
     pub no_policy: bool,
+    /// Sign keyless as this identity instead of with the platform's signing key.
+    pub identity: Option<Identity>,
+    /// With `identity`: record this identity regexp as the trust policy instead of the signer's
+    /// own (to exercise the agent's refusal of another signer).
+    pub policy_identity: Option<String>,
 }
 
 fn valid_name(s: &str) -> bool {
@@ -318,7 +458,10 @@ pub async fn publish(a: PublishArgs) -> Result<Module> {
     let image = std::fs::read(&image_path)?;
     let image_digest = format!("sha256:{}", sha256_hex(&image));
     let fsverity = fsverity_digest(&image_path)?;
-    let bundle = sig.bundle(&image)?;
+    let bundle = match &a.identity {
+        Some(id) => sig.keyless_bundle(&image, id)?,
+        None => sig.bundle(&image)?,
+    };
 
     // The module's own manifest.yaml when the tree has one (the upstream layout), else the
     // smallest manifest the schema accepts.
@@ -387,6 +530,15 @@ pub async fn publish(a: PublishArgs) -> Result<Module> {
 
     let trust_policy = if a.no_policy {
         None
+    } else if let Some(id) = &a.identity {
+        let identity = a
+            .policy_identity
+            .clone()
+            .unwrap_or_else(|| exact_regex(&id.subject));
+        Some(json!({
+            "cosign_identity_regexp": identity,
+            "cosign_issuer_regexp": exact_regex(&id.issuer),
+        }))
     } else if let Some(p) = &a.policy_key {
         let pem = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
         Some(json!({"public_key": pem}))
@@ -615,14 +767,12 @@ pub async fn cosign_bundle(
             .map_err(ApiError::from)
     })
     .await?;
-    Ok((
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/vnd.dev.sigstore.bundle+json;version=0.1",
-        )],
-        bytes,
-    )
-        .into_response())
+    // Key-based bundles are v0.1, keyless ones v0.3: the file says which.
+    let media_type = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|v| v["mediaType"].as_str().map(str::to_string))
+        .unwrap_or_else(|| BUNDLE_V01.to_string());
+    Ok(([(axum::http::header::CONTENT_TYPE, media_type)], bytes).into_response())
 }
 
 #[cfg(test)]
@@ -668,11 +818,62 @@ mod tests {
         )
         .verify(payload.as_bytes(), &set)
         .expect("SET verifies with the log key");
-        let root = a.trusted_root();
+        let root = a.trusted_root().expect("root");
         assert_eq!(
             root["tlogs"][0]["logId"]["keyId"],
             Value::String(B64.encode(a.log.key_id()))
         );
+    }
+
+    /// The keyless bundle passes the agent's full verifier (chain, SCT, SET, inclusion proof,
+    /// checkpoint, identity) with the platform's own trusted root, and only for its signer.
+    #[test]
+    fn keyless_bundle_verifies_with_the_agent_code() {
+        use powernode::verify::{self, Artifact, Matcher, Policy};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Sigstore::open(dir.path()).expect("open");
+        let id = Identity {
+            subject: "https://ci.example/a+b".into(),
+            issuer: "https://issuer.example".into(),
+        };
+        let bundle =
+            serde_json::to_vec(&s.keyless_bundle(b"image", &id).expect("bundle")).expect("json");
+        let root =
+            std::fs::read(dir.path().join(SIGSTORE_DIR).join("trusted_root.json")).expect("root");
+        let policy = |identity: &str, issuer: &str| Policy::Identity {
+            identity: Matcher::regex(&exact_regex(identity)).expect("regex"),
+            issuer: Matcher::regex(&exact_regex(issuer)).expect("regex"),
+        };
+        let v = verify::verify_bytes(
+            &root,
+            &bundle,
+            &Artifact::Bytes(b"image".to_vec()),
+            &policy(&id.subject, &id.issuer),
+        )
+        .expect("verifies");
+        assert_eq!(v.identity, id.subject);
+        assert_eq!(v.bundle_version, "0.3");
+        for (subject, issuer) in [
+            ("https://ci.example/aab", id.issuer.as_str()),
+            (id.subject.as_str(), "https://issuer.example.evil"),
+        ] {
+            let err = verify::verify_bytes(
+                &root,
+                &bundle,
+                &Artifact::Bytes(b"image".to_vec()),
+                &policy(subject, issuer),
+            )
+            .expect_err("another signer");
+            assert!(err.to_string().contains("does not match"), "{err}");
+        }
+        let err = verify::verify_bytes(
+            &root,
+            &bundle,
+            &Artifact::Bytes(b"other".to_vec()),
+            &policy(&id.subject, &id.issuer),
+        )
+        .expect_err("another image");
+        assert!(err.to_string().contains("digest"), "{err}");
     }
 
     #[test]

@@ -703,3 +703,142 @@ fn an_image_index_resolves_to_the_node_architecture() -> Result<()> {
     );
     Ok(())
 }
+
+const CI_IDENTITY: &str =
+    "https://ci.example/acme/hello/.github/workflows/release.yml@refs/heads/main";
+const CI_ISSUER: &str = "https://token.actions.example";
+
+/// `powernode-agent verify` of the `--out` files of module `name` with an identity policy.
+fn verify_keyless(node: &Node, name: &str, identity: &str, issuer: &str) -> Result<Output> {
+    let out_dir = node.work.path().join(format!("out-{name}"));
+    run(Command::new(bin("powernode-agent")?)
+        .arg("verify")
+        .arg(out_dir.join("image.erofs"))
+        .arg("--bundle")
+        .arg(out_dir.join("bundle.sigstore.json"))
+        .args(["--certificate-identity", identity])
+        .args(["--certificate-oidc-issuer", issuer])
+        .arg("--trusted-root")
+        .arg(out_dir.join("trusted_root.json")))
+}
+
+/// Keyless publishing: an ephemeral key with a Fulcio-style certificate for the CI identity;
+/// the platform's trust policy names that identity and issuer, and the node accepts the module
+/// through the CA, the embedded SCT and the logged entry of the pinned trusted root.
+#[test]
+fn keyless_module_is_pulled_and_verified_by_identity() -> Result<()> {
+    let node = Node::start()?;
+    let m =
+        node.publish_and_assign("hello", &["--identity", CI_IDENTITY, "--issuer", CI_ISSUER])?;
+    let tp = &m["trust_policy"];
+    ensure!(
+        tp["cosign_identity_regexp"]
+            .as_str()
+            .is_some_and(|r| r.starts_with('^') && r.ends_with('$') && r.contains(r"\.")),
+        "{m}"
+    );
+    ensure!(
+        tp["cosign_issuer_regexp"] == r"^https://token\.actions\.example$",
+        "{m}"
+    );
+    ensure!(tp.get("public_key").is_none(), "{m}");
+    node.pin_trusted_root()?;
+
+    let (out, v) = node.update()?;
+    ensure!(out.status.success(), "update: {}", describe(&out));
+    let fetched = &v["modules"][0];
+    ensure!(fetched["name"] == "hello", "{v}");
+    ensure!(fetched["signer"] == CI_IDENTITY, "{v}");
+    ensure!(
+        fetched["image_digest"] == m["artifact"]["image_digest"],
+        "{v}"
+    );
+    ensure!(
+        node.store_entries().len() == 1,
+        "{:?}",
+        node.store_entries()
+    );
+    Ok(())
+}
+
+/// The `--out` files of a keyless publish verify with the CLI for the right identity and
+/// issuer only, saying which one differs otherwise.
+#[test]
+fn keyless_out_files_verify_only_for_the_signer() -> Result<()> {
+    let node = Node::start()?;
+    node.publish_and_assign("hello", &["--identity", CI_IDENTITY, "--issuer", CI_ISSUER])?;
+    let out_dir = node.work.path().join("out-hello");
+    let bundle: Value = serde_json::from_slice(&fs::read(out_dir.join("bundle.sigstore.json"))?)?;
+    ensure!(
+        bundle["mediaType"] == "application/vnd.dev.sigstore.bundle.v0.3+json"
+            && bundle["verificationMaterial"]["certificate"]["rawBytes"].is_string(),
+        "{bundle}"
+    );
+    let root: Value = serde_json::from_slice(&fs::read(out_dir.join("trusted_root.json"))?)?;
+    ensure!(
+        root["certificateAuthorities"]
+            .as_array()
+            .is_some_and(|a| a.len() == 1)
+            && root["ctlogs"].as_array().is_some_and(|a| a.len() == 1),
+        "{root}"
+    );
+
+    let out = verify_keyless(&node, "hello", CI_IDENTITY, CI_ISSUER)?;
+    ensure!(out.status.code() == Some(0), "verify: {}", describe(&out));
+
+    let out = verify_keyless(&node, "hello", "https://ci.example/evil", CI_ISSUER)?;
+    ensure!(
+        out.status.code() == Some(2),
+        "other identity: {}",
+        describe(&out)
+    );
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("identity does not match"),
+        "other identity: {}",
+        describe(&out)
+    );
+
+    let out = verify_keyless(&node, "hello", CI_IDENTITY, "https://accounts.example")?;
+    ensure!(
+        out.status.code() == Some(2),
+        "other issuer: {}",
+        describe(&out)
+    );
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("OIDC issuer does not match"),
+        "other issuer: {}",
+        describe(&out)
+    );
+    Ok(())
+}
+
+/// Signed keyless by A while the platform's trust policy expects B: refused, nothing stored.
+#[test]
+fn keyless_module_of_another_identity_is_refused() -> Result<()> {
+    let node = Node::start()?;
+    node.publish_and_assign(
+        "hello",
+        &[
+            "--identity",
+            "https://ci.example/a",
+            "--issuer",
+            CI_ISSUER,
+            "--policy-identity",
+            r"^https://ci\.example/b$",
+        ],
+    )?;
+    node.pin_trusted_root()?;
+    let (out, v) = node.update()?;
+    ensure!(out.status.code() == Some(2), "update: {}", describe(&out));
+    let err = v["error"].as_str().unwrap_or_default();
+    ensure!(
+        err.contains("verification failed") && err.contains("identity does not match"),
+        "{v}"
+    );
+    ensure!(
+        node.store_entries().is_empty(),
+        "store: {:?}",
+        node.store_entries()
+    );
+    Ok(())
+}
