@@ -27,6 +27,7 @@ pub mod retry;
 pub mod rotation;
 pub mod sandbox;
 pub mod sysinfo;
+pub mod sysroot;
 pub mod systemd;
 pub mod systemd1;
 pub mod tasks;
