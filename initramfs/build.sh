@@ -31,10 +31,12 @@ strip --strip-debug -o "$ST/bin/powernode-agent" "$AGENT"
 
 export dracutbasedir="$ST/dracut"
 export POWERNODE_AGENT="$ST/bin/powernode-agent"
-# Only what is asked for here: no host dracut.conf(.d), no host-only pruning.
+# Only what is asked for here: no host dracut.conf(.d), no host-only pruning. zstd -3, not
+# dracut's default -15: a third of the build time for a few MB more, which the kernel
+# unpacks just as fast.
 dracut --quiet --force --no-hostonly --no-hostonly-cmdline --no-early-microcode \
   --conf /dev/null --confdir "$ST/conf.d" \
   --kver "$KV" --kmoddir "$KROOT/lib/modules/$KV" \
-  --add "powernode" --omit "plymouth" --compress zstd \
+  --add "powernode" --omit "plymouth" --compress "zstd -q -3 -T0" \
   "$@" "$OUT"
 echo "build.sh: $(du -h "$OUT" | cut -f1) initramfs for $KV in $OUT"

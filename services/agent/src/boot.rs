@@ -300,7 +300,26 @@ fn mount_persist(args: &BootArgs, paths: &Paths, console: &mut Console) -> anyho
         "persist",
         format!("mounted {} at {}", device.display(), target.display()),
     );
+    state_layout(paths)?;
     Ok(target)
+}
+
+/// The state directory's parents with the modes tmpfiles.d gives them on an installed system
+/// (units/usr/lib/tmpfiles.d): the PKI code creates missing parents 0700, which would lock the
+/// daemons (user `powernode`) out after the switch.
+fn state_layout(paths: &Paths) -> anyhow::Result<()> {
+    for (dir, mode) in [
+        ("/persist/var", 0o755),
+        ("/persist/var/lib", 0o755),
+        ("/persist/var/lib/powernode", 0o750),
+    ] {
+        let p = paths.under(dir);
+        powernode::fsutil::ensure_dir(&p, mode)?;
+        // An existing directory keeps its mode under ensure_dir: set it, as tmpfiles `d` does.
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .with_context(|| format!("setting the mode of {}", p.display()))?;
+    }
+    Ok(())
 }
 
 /// An operator-named device: used when it carries our label, formatted only when blank.
@@ -666,6 +685,31 @@ mod tests {
         std::fs::write(t.path().join("proc/cmdline"), "powernode.module_wait=x\n")
             .expect("cmdline");
         assert_eq!(module_wait(&paths), MODULE_WAIT);
+    }
+
+    #[test]
+    fn state_layout_modes() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let t = Scratch::new("layout");
+        let paths = Paths::new(t.path());
+        std::fs::create_dir_all(t.path().join("persist/var")).expect("var");
+        std::fs::set_permissions(
+            t.path().join("persist/var"),
+            std::fs::Permissions::from_mode(0o700),
+        )
+        .expect("chmod");
+        state_layout(&paths).expect("layout");
+        for (d, want) in [
+            ("persist/var", 0o755),
+            ("persist/var/lib", 0o755),
+            ("persist/var/lib/powernode", 0o750),
+        ] {
+            let mode = std::fs::metadata(t.path().join(d))
+                .expect("stat")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o7777, want, "{d}");
+        }
     }
 
     #[test]
