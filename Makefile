@@ -13,10 +13,14 @@ IMAGE_DIR := build/images/bookworm
 #   pkg-config, libtss2-dev         building tss-esapi
 #   qemu-system-x86, busybox-static, cpio, kmod, binutils  the TCG VM tier (tests/vm/)
 #   docker-registry, erofs-utils, fsverity  module publishing and pulling (tests/integration/tests/modules.rs)
+#   dracut-core, dracut-network, zstd  `make initramfs` and the VM boot test (initramfs/build.sh).
+#       dracut-core has the `dracut` tool and does not conflict with initramfs-tools (the
+#       `dracut` package does, and would replace it); dracut-network has the systemd-networkd module.
 DEB_PACKAGES := debootstrap systemd-container dbus util-linux passwd socat pkg-config libtss2-dev ca-certificates \
-	qemu-system-x86 busybox-static cpio kmod binutils docker-registry erofs-utils fsverity
+	qemu-system-x86 busybox-static cpio kmod binutils docker-registry erofs-utils fsverity \
+	dracut-core dracut-network zstd
 
-.PHONY: all deps build image vm-assets lint test demo bench clean-images
+.PHONY: all deps build image vm-assets initramfs lint test demo bench clean-images
 
 all: build
 
@@ -40,6 +44,14 @@ image:
 # Debian's kernel for the VM tier, unpacked once under build/vm/kernel.
 vm-assets:
 	bash tests/vm/kernel.sh
+
+# The dracut initramfs (initramfs/modules.d/90powernode) for the kernel of `make vm-assets`,
+# holding this tree's powernode-agent: build/vm/initramfs.img. Trust roots and agent.toml come
+# from /etc/powernode on this host when present (POWERNODE_TRUST_DIR / POWERNODE_CONFIG override).
+AGENT_BIN ?= $(or $(CARGO_TARGET_DIR),target)/debug/powernode-agent
+initramfs: vm-assets
+	$(CARGO) build -p powernode-agent
+	bash initramfs/build.sh build/vm/kernel $(AGENT_BIN) build/vm/initramfs.img
 
 lint:
 	$(CARGO) fmt --all -- --check

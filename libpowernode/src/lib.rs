@@ -30,6 +30,7 @@ pub mod rotation;
 pub mod sandbox;
 pub mod sys;
 pub mod sysinfo;
+pub mod sysroot;
 pub mod systemd;
 pub mod systemd1;
 pub mod tasks;

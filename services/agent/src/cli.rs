@@ -30,8 +30,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Initramfs boot path: identity, enrollment, modules, switch-root.
-    Boot,
+    /// Initramfs boot path: persist, identity, enrollment, modules, /sysroot (issue #7).
+    Boot(crate::boot::BootArgs),
     /// The resident agent: heartbeats and orchestration (run by powernode-agent.service).
     Service(ServiceArgs),
     /// Enroll with a bootstrap token and write the PKI directory.
@@ -138,7 +138,7 @@ fn dispatch(command: Command, paths: &Paths) -> CmdResult {
                 json!({"version": powernode::AGENT_VERSION, "architecture": powernode::architecture()}),
             ),
         )),
-        Command::Boot => not_yet("boot", 7),
+        Command::Boot(a) => Ok(crate::boot::run(a, paths)),
         Command::Verify(a) => Ok(crate::verify_cmd::run(a, paths)),
         Command::Attach { id } => Ok(crate::modules_cmd::mount_command(
             crate::modules_cmd::MountOp::Attach(&id),

@@ -1,6 +1,7 @@
 //! `powernode-agent`: the operator CLI, the resident agent service and, through argv[0], the
 //! entry point of every daemon of the suite (so an initramfs can ship one file plus symlinks).
 
+mod boot;
 mod cli;
 mod modules_cmd;
 mod multicall;

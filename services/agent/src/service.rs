@@ -205,14 +205,25 @@ impl Agent {
     }
 
     async fn beat(&self, client: &mut InstanceClient) -> powernode::Result<HeartbeatResponse> {
-        // What mountd composed (state.json); a torn file is reported, never read as "nothing".
-        let (digests, mounted) = match powernode::mount::load_state(&self.paths) {
+        // What mountd composed (state.json), else what the initramfs composed as the root
+        // (/run/powernode/boot.json); a torn file is reported, never read as "nothing".
+        let (mut digests, mut mounted) = match powernode::mount::load_state(&self.paths) {
             Ok(st) => (st.module_digests(), st.union_mounted),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the module state for the heartbeat");
                 (BTreeMap::new(), false)
             }
         };
+        if digests.is_empty() {
+            match powernode::sysroot::BootRecord::load(&self.paths) {
+                Ok(Some(r)) => {
+                    digests = r.module_digests();
+                    mounted = true;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot read the boot record for the heartbeat"),
+            }
+        }
         let payload: HeartbeatRequest = heartbeat::gather(&self.paths, digests, mounted)?;
         let r: HeartbeatResponse = client.post(PATH_HEARTBEAT, &payload).await?;
         // An mTLS-authenticated platform time: evidence for the clock-trust decision.
