@@ -221,7 +221,9 @@ impl Agent {
                     mounted = true;
                 }
                 Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot read the boot record for the heartbeat"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the boot record for the heartbeat")
+                }
             }
         }
         let payload: HeartbeatRequest = heartbeat::gather(&self.paths, digests, mounted)?;
