@@ -20,7 +20,7 @@ DEB_PACKAGES := debootstrap systemd-container dbus util-linux passwd socat pkg-c
 	qemu-system-x86 busybox-static cpio kmod binutils docker-registry erofs-utils fsverity \
 	dracut-core dracut-network zstd
 
-.PHONY: all deps build image vm-assets initramfs lint test demo bench clean-images
+.PHONY: all deps build image vm-assets initramfs lint test vm-test demo bench clean-images
 
 all: build
 
@@ -65,6 +65,15 @@ test:
 	@$(MAKE) --no-print-directory vm-assets
 	@$(MAKE) --no-print-directory lint
 	$(CARGO) nextest run --workspace --no-fail-fast
+
+# Only the VM tier (TCG): identity on real firmware, identityd under systemd, the dracut boot.
+# `make test` runs these too.
+vm-test:
+	@$(MAKE) --no-print-directory deps
+	@$(MAKE) --no-print-directory build
+	@$(MAKE) --no-print-directory image
+	@$(MAKE) --no-print-directory vm-assets
+	$(CARGO) nextest run -p powernode-integration-tests --test vm_identity --test vm_systemd --test vm_boot
 
 # The suite against the development platform: a node enrolling and heartbeating, live.
 demo:
