@@ -23,7 +23,8 @@ pub struct EnableArg {
     pub reserved2: [u64; 11],
 }
 
-/// `struct fsverity_digest` with room for the largest digest (SHA-512).
+/// `struct fsverity_digest` (4-byte header + flexible array) with room for the largest digest
+/// (SHA-512).
 #[repr(C)]
 pub struct Digest {
     pub digest_algorithm: u16,
@@ -32,7 +33,13 @@ pub struct Digest {
 }
 
 nix::ioctl_write_ptr!(fs_ioc_enable_verity, b'f', 133, EnableArg);
-nix::ioctl_readwrite!(fs_ioc_measure_verity, b'f', 134, Digest);
+// The kernel's struct ends in a flexible array, so the request code carries its fixed 4-byte
+// header size, not the size of our buffer-carrying struct.
+nix::ioctl_readwrite_bad!(
+    fs_ioc_measure_verity,
+    nix::request_code_readwrite!(b'f', 134, 4),
+    Digest
+);
 
 /// FS_IOC_ENABLE_VERITY with SHA-256 (algorithm 1), 4096-byte blocks, no salt, no signature.
 pub fn enable_verity(file: &std::fs::File) -> nix::Result<()> {
@@ -64,4 +71,16 @@ pub fn measure_verity(file: &std::fs::File) -> nix::Result<(u16, Vec<u8>)> {
     unsafe { fs_ioc_measure_verity(file.as_raw_fd(), &mut d) }?;
     let n = usize::from(d.digest_size).min(d.digest.len());
     Ok((d.digest_algorithm, d.digest[..n].to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn request_codes_match_linux_fsverity_h() {
+        // _IOW('f', 133, struct fsverity_enable_arg /* 128 bytes */) and
+        // _IOWR('f', 134, struct fsverity_digest /* 4 bytes */), as the kernel headers define.
+        assert_eq!(std::mem::size_of::<super::EnableArg>(), 128);
+        assert_eq!(nix::request_code_write!(b'f', 133, 128), 0x4080_6685);
+        assert_eq!(nix::request_code_readwrite!(b'f', 134, 4), 0xc004_6686);
+    }
 }

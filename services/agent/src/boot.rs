@@ -537,8 +537,8 @@ async fn fetch_modules(
                 console.say(
                     "verify",
                     format!(
-                        "module {}: signature by {} OK, sha256 and fs-verity {} match",
-                        f.name, f.signer, f.fsverity_digest
+                        "module {}: signature by {} OK, sha256 and fs-verity {} match, kernel fs-verity {}",
+                        f.name, f.signer, f.fsverity_digest, f.kernel_verity
                     ),
                 );
                 out.push((f, m.priority));

@@ -467,6 +467,9 @@ fn dracut_initramfs_enrolls_verifies_mounts_and_switches_root() -> Result<()> {
     has(&c, &format!("[boot:enroll] enrolled as {id}"))?;
     has(&c, WAITING_FOR_ASSIGNMENT)?;
     has(&c, "[boot:verify] module base: signature by")?;
+    // /persist is ext4 with -O verity: the kernel now verifies every read of the image, and
+    // its own measurement matched the signed digest.
+    has(&c, "kernel fs-verity enforced")?;
     has(&c, "[boot:mount] lower 0: module base")?;
     has(&c, "[boot:switch-root] /sysroot is ready (1 layer(s))")?;
     has(&c, "PN-SYSROOT-END")?;
