@@ -175,6 +175,14 @@ pub trait Agent1 {
     fn last_error(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn certificate_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn in_flight_tasks(&self) -> zbus::Result<u32>;
+    #[zbus(property)]
+    fn tasks_completed(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn tasks_failed(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn last_task(&self) -> zbus::Result<String>;
 }
 
 #[proxy(

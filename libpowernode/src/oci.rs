@@ -104,6 +104,22 @@ pub fn pinned_reference(reference: &str, digest: &str) -> Result<Reference, Pull
     ))
 }
 
+/// An error and its sources, `a: b: c` (reqwest's own message hides the cause, e.g. "connection
+/// refused", in its source).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
 /// The OCI image index media type (a multi-architecture list of manifests).
 pub const OCI_IMAGE_INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
 
@@ -181,7 +197,7 @@ async fn pull_verified_raw(
     let (raw, _) = client
         .pull_manifest_raw(reference, &RegistryAuth::Anonymous, accept)
         .await
-        .map_err(|e| PullError::Registry(format!("pulling manifest {reference}: {e}")))?;
+        .map_err(|e| PullError::Registry(format!("pulling manifest {reference}: {}", chain(&e))))?;
     let got = format!("sha256:{}", sha256_hex(&raw));
     if got != want {
         return Err(PullError::Integrity(format!(

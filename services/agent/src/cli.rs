@@ -279,6 +279,15 @@ fn certificate_status(paths: &Paths) -> anyhow::Result<Value> {
 
 fn status(paths: &Paths) -> anyhow::Result<Report> {
     let certificate = certificate_status(paths)?;
+    // The composition as mountd last recorded it (read from disk: mountd exits when idle).
+    let modules = match powernode::mount::load_state(paths) {
+        Ok(st) => json!({
+            "union_mounted": st.union_mounted,
+            "generation": st.generation,
+            "module_digests": st.module_digests(),
+        }),
+        Err(e) => json!({"error": e.to_string()}),
+    };
     runtime()?.block_on(async {
         let conn = powernode::bus::system_bus().await?;
         let agent = powernode::bus::Agent1Proxy::new(&conn).await?;
@@ -290,6 +299,13 @@ fn status(paths: &Paths) -> anyhow::Result<Report> {
             "next_poll_seconds": agent.next_poll_seconds().await?,
             "last_error": agent.last_error().await?,
             "certificate": certificate,
+            "modules": modules,
+            "tasks": {
+                "in_flight": agent.in_flight_tasks().await?,
+                "completed": agent.tasks_completed().await?,
+                "failed": agent.tasks_failed().await?,
+                "last": agent.last_task().await?,
+            },
         });
         Ok(Report::ok("status", obj(details)))
     })

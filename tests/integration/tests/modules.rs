@@ -642,9 +642,14 @@ fn push_index(registry: &str, repo: &str, tag: &str, entries: &[(&str, &str)]) -
 /// publishes multi-architecture indexes would hand out). Atomic replace: the server re-reads
 /// the store under its lock on every request.
 fn set_artifact_digest(node: &Node, module_id: &str, digest: &str) -> Result<()> {
+    set_artifact_field(node, module_id, "digest", digest)
+}
+
+/// Set one field of the platform's artifact record of `module_id` (atomic replace).
+fn set_artifact_field(node: &Node, module_id: &str, field: &str, value: &str) -> Result<()> {
     let path = node.platform.state.join("store.json");
     let mut store: Value = serde_json::from_slice(&fs::read(&path)?)?;
-    store["modules"][module_id]["artifact"]["digest"] = Value::String(digest.to_string());
+    store["modules"][module_id]["artifact"][field] = Value::String(value.to_string());
     let tmp = path.with_extension("json.test-tmp");
     fs::write(&tmp, serde_json::to_vec_pretty(&store)?)?;
     fs::rename(&tmp, &path)?;
@@ -838,6 +843,83 @@ fn keyless_module_of_another_identity_is_refused() -> Result<()> {
     ensure!(
         node.store_entries().is_empty(),
         "store: {:?}",
+        node.store_entries()
+    );
+    Ok(())
+}
+
+/// A registry that is down, and an artifact whose image layer has the wrong media type: each a
+/// clear error, nothing stored.
+#[test]
+fn registry_down_and_wrong_media_type_are_clear_errors() -> Result<()> {
+    let node = Node::start()?;
+    let m = node.publish_and_assign("hello", &[])?;
+    node.pin_trusted_root()?;
+    let id = m["id"].as_str().context("id")?;
+
+    // Nothing listens on port 9 of loopback (discard, not served here).
+    set_artifact_registry(&node, id, "127.0.0.1:9")?;
+    let (out, v) = node.update()?;
+    ensure!(!out.status.success(), "update: {}", describe(&out));
+    let err = v["error"].as_str().unwrap_or_default();
+    ensure!(
+        err.contains("127.0.0.1:9") && err.to_lowercase().contains("connection refused"),
+        "{v}"
+    );
+    ensure!(
+        node.store_entries().is_empty(),
+        "{:?}",
+        node.store_entries()
+    );
+    let reference = m["artifact"]["ref"].as_str().context("ref")?;
+    set_artifact_field(&node, id, "ref", reference)?;
+
+    // The same artifact with the image layer's media type changed.
+    let repo = reference
+        .split_once('/')
+        .map(|(_, r)| r)
+        .and_then(|r| r.rsplit_once(':'))
+        .map(|(r, _)| r)
+        .context("repository")?;
+    let digest = m["artifact"]["digest"].as_str().context("digest")?;
+    let (status, body) = registry_http(
+        &node.registry.addr,
+        &format!(
+            "GET /v2/{repo}/manifests/{digest} HTTP/1.1\r\nAccept: application/vnd.oci.image.manifest.v1+json"
+        ),
+        b"",
+    )?;
+    ensure!(status.contains(" 200 "), "{status}");
+    let mut manifest: Value = serde_json::from_slice(&body)?;
+    for layer in manifest["layers"].as_array_mut().context("layers")? {
+        if layer["mediaType"] == "application/vnd.powernode.module.erofs.v1" {
+            layer["mediaType"] = Value::String("application/vnd.oci.image.layer.v1.tar".into());
+        }
+    }
+    let bytes = serde_json::to_vec(&manifest)?;
+    let (status, _) = registry_http(
+        &node.registry.addr,
+        &format!(
+            "PUT /v2/{repo}/manifests/wrong-type HTTP/1.1\r\nContent-Type: application/vnd.oci.image.manifest.v1+json"
+        ),
+        &bytes,
+    )?;
+    ensure!(status.contains(" 201 "), "{status}");
+    set_artifact_digest(
+        &node,
+        id,
+        &format!("sha256:{}", powernode::oci::sha256_hex(&bytes)),
+    )?;
+    let (out, v) = node.update()?;
+    ensure!(!out.status.success(), "update: {}", describe(&out));
+    let err = v["error"].as_str().unwrap_or_default();
+    ensure!(
+        err.contains("application/vnd.powernode.module.erofs.v1"),
+        "{v}"
+    );
+    ensure!(
+        node.store_entries().is_empty(),
+        "{:?}",
         node.store_entries()
     );
     Ok(())
