@@ -275,7 +275,9 @@ pub async fn fetch_and_verify(
     let fsv = fsverity_of(&path).await.map_err(|e| other(e.to_string()))?;
     if fsv != want_fsverity {
         // The bytes hash right but the annotation lies: do not keep it under its address.
-        let _ = std::fs::remove_file(&path);
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove a refused image");
+        }
         return Err(refuse(format!(
             "fs-verity digest of the image is {fsv}, the artifact says {want_fsverity}"
         )));

@@ -15,6 +15,7 @@ pub mod devplatform;
 pub mod metadata;
 pub mod registry;
 pub mod units;
+pub mod vm;
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};

@@ -33,20 +33,6 @@ const PERSIST_SIZE_SYSTEM: &str = "1G";
 /// What the guest prints when it has enrolled and no module is assigned yet.
 const WAITING_FOR_ASSIGNMENT: &str = "[boot:fetch] no modules assigned yet";
 
-fn kernel() -> Result<(PathBuf, PathBuf)> {
-    let dir = workspace_root().join("build/vm/kernel");
-    let boot = dir.join("boot");
-    let vmlinuz = fs::read_dir(&boot)
-        .with_context(|| format!("{} missing: run `make vm-assets`", boot.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-        })
-        .context("no vmlinuz-* in build/vm/kernel/boot: run `make vm-assets`")?;
-    Ok((dir, vmlinuz))
-}
-
 fn port_of(addr: &str) -> Result<u16> {
     addr.rsplit(':')
         .next()
@@ -214,7 +200,7 @@ impl Vm {
         ] {
             require_tool(tool)?;
         }
-        let (kroot, vmlinuz) = kernel()?;
+        let (kroot, vmlinuz) = powernode_integration_tests::vm::kernel()?;
         let base = base_initramfs(&kroot)?;
         let registry = Registry::start()?;
         let platform = DevPlatform::start(&["--san", HOST_IN_GUEST])?;

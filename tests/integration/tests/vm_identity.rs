@@ -3,7 +3,6 @@
 //! through the kernel's own interfaces (qemu_fw_cfg sysfs, /sys/class/dmi) — what the host
 //! tiers can only imitate with fixture trees.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
@@ -14,29 +13,10 @@ use serde_json::Value;
 const DMI_UUID: &str = "6f1c0b8e-8a3e-4f43-9d51-2b8f3c1e9a77";
 const FWCFG_UUID: &str = "0b6a4c1e-aaaa-4f43-9d51-2b8f3c1e9a77";
 
-fn kernel() -> Result<(PathBuf, PathBuf)> {
-    let dir = workspace_root().join("build/vm/kernel");
-    let boot = dir.join("boot");
-    let vmlinuz = std::fs::read_dir(&boot)
-        .with_context(|| {
-            format!(
-                "{} missing: run `make vm-assets` (tests/vm/kernel.sh)",
-                boot.display()
-            )
-        })?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-        })
-        .context("no vmlinuz-* in build/vm/kernel/boot: run `make vm-assets`")?;
-    Ok((dir, vmlinuz))
-}
-
 /// Boot once with `extra` QEMU arguments; the JSON `introspect` printed inside.
 fn boot(extra: &[&str]) -> Result<Value> {
     require_tool("qemu-system-x86_64")?;
-    let (kroot, vmlinuz) = kernel()?;
+    let (kroot, vmlinuz) = powernode_integration_tests::vm::kernel()?;
     let tmp = tempfile::tempdir()?;
     let initrd = tmp.path().join("initrd.gz");
     let vm = workspace_root().join("tests/vm");

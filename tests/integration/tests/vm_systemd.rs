@@ -40,20 +40,6 @@ ExecStart=/bin/sh -c 'echo PN-BEGIN; \
 WantedBy=multi-user.target
 "#;
 
-fn kernel() -> Result<(PathBuf, PathBuf)> {
-    let dir = workspace_root().join("build/vm/kernel");
-    let boot = dir.join("boot");
-    let vmlinuz = std::fs::read_dir(&boot)
-        .with_context(|| format!("{} missing: run `make vm-assets`", boot.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-        })
-        .context("no vmlinuz-* in build/vm/kernel/boot: run `make vm-assets`")?;
-    Ok((dir, vmlinuz))
-}
-
 fn write(root: &Path, rel: &str, content: &str) -> Result<()> {
     let p = root.join(rel);
     std::fs::create_dir_all(p.parent().context("parent")?)?;
@@ -62,7 +48,7 @@ fn write(root: &Path, rel: &str, content: &str) -> Result<()> {
 
 /// The root disk and the initramfs, built once for both boots.
 fn assets(dir: &Path) -> Result<(PathBuf, PathBuf)> {
-    let (kroot, _) = kernel()?;
+    let (kroot, _) = powernode_integration_tests::vm::kernel()?;
     let image = workspace_root().join("build/images/bookworm");
     ensure!(
         image.join(".powernode-image-stamp").is_file(),
@@ -107,7 +93,7 @@ fn assets(dir: &Path) -> Result<(PathBuf, PathBuf)> {
 
 /// Boot the disk (a fresh copy: every boot starts from the same image); the probe's lines.
 fn boot(dir: &Path, disk: &Path, initrd: &Path, extra: &[&str]) -> Result<String> {
-    let (_, vmlinuz) = kernel()?;
+    let (_, vmlinuz) = powernode_integration_tests::vm::kernel()?;
     let copy = dir.join("boot.ext4");
     std::fs::copy(disk, &copy)?;
     let start = Instant::now();
