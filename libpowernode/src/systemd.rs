@@ -118,8 +118,8 @@ pub fn mount_unit_name(r#where: &str) -> Result<String, crate::Error> {
     Ok(format!("{}.mount", escape_path(r#where)?))
 }
 
-/// The part of `org.freedesktop.systemd1.Manager` mountd needs: transient units, stopping,
-/// and job completion.
+/// The part of `org.freedesktop.systemd1.Manager` the suite uses: transient units (mountd's
+/// mounts, the agent's shell tasks), unit jobs (tasks), and job completion.
 #[zbus::proxy(
     interface = "org.freedesktop.systemd1.Manager",
     default_service = "org.freedesktop.systemd1",
@@ -134,6 +134,10 @@ pub trait SystemdManager {
         aux: &[(&str, &[(&str, zbus::Variant<'_>)])],
     ) -> zbus::Result<zbus::OwnedObjectPath>;
     fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<zbus::OwnedObjectPath>;
+    fn start_unit(&self, name: &str, mode: &str) -> zbus::Result<zbus::OwnedObjectPath>;
+    fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<zbus::OwnedObjectPath>;
+    /// JobRemoved and the other unit/job signals are only sent to subscribed clients.
+    fn subscribe(&self) -> zbus::Result<()>;
     fn get_unit(&self, name: &str) -> zbus::Result<zbus::OwnedObjectPath>;
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
     #[zbus(signal)]

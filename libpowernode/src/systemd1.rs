@@ -12,38 +12,11 @@ use futures_util::StreamExt as _;
 use serde_json::json;
 use tokio::io::AsyncReadExt as _;
 use zbus::proxy;
-use zbus::wire::{Fd, ObjectPath, OwnedObjectPath, Variant};
+use zbus::wire::{Fd, OwnedObjectPath, Variant};
+
+use crate::systemd::SystemdManagerProxy as ManagerProxy;
 
 use crate::tasks::{Executor, Outcome, UnitVerb};
-
-#[proxy(
-    interface = "org.freedesktop.systemd1.Manager",
-    default_service = "org.freedesktop.systemd1",
-    default_path = "/org/freedesktop/systemd1"
-)]
-pub trait Manager {
-    fn subscribe(&self) -> zbus::Result<()>;
-    fn start_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
-    fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
-    fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
-    fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
-    fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
-    fn start_transient_unit(
-        &self,
-        name: &str,
-        mode: &str,
-        properties: &[(&str, Variant<'_>)],
-        aux: &[(&str, &[(&str, Variant<'_>)])],
-    ) -> zbus::Result<OwnedObjectPath>;
-    #[zbus(signal)]
-    fn job_removed(
-        &self,
-        id: u32,
-        job: ObjectPath<'_>,
-        unit: &str,
-        result: &str,
-    ) -> zbus::Result<()>;
-}
 
 #[proxy(
     interface = "org.freedesktop.systemd1.Service",

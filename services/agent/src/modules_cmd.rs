@@ -55,12 +55,9 @@ fn unreachable(e: &zbus::Error) -> bool {
 /// `attach`/`detach`/`sync` through mountd; `attach` falls back to fetch + verify in-process.
 pub fn mount_command(op: MountOp<'_>, paths: &Paths) -> Report {
     let command = op.command();
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match crate::cli::runtime() {
         Ok(rt) => rt,
-        Err(e) => return Report::failed(command, EXIT_GENERIC, format!("async runtime: {e}")),
+        Err(e) => return Report::failed(command, EXIT_GENERIC, format!("{e:#}")),
     };
     let asked = rt.block_on(async {
         let conn = match tokio::time::timeout(BUS_WAIT, powernode::bus::system_bus()).await {
@@ -99,7 +96,7 @@ pub fn mount_command(op: MountOp<'_>, paths: &Paths) -> Report {
         }
     });
     match asked {
-        Ok(Ok(v)) => Report::ok(command, obj(v)),
+        Ok(Ok(v)) => Report::ok(command, crate::cli::obj(v)),
         Ok(Err(e)) => {
             let code = match e.kind() {
                 powernode::ErrorKind::Crypto => EXIT_VERIFY,
@@ -118,13 +115,6 @@ pub fn mount_command(op: MountOp<'_>, paths: &Paths) -> Report {
             }
             _ => Report::failed(command, EXIT_MOUNT, why),
         },
-    }
-}
-
-fn obj(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        _ => Map::new(),
     }
 }
 use crate::verify_cmd::EXIT_VERIFY;

@@ -304,15 +304,16 @@ fn truncated_blob_in_the_registry_is_refused() -> Result<()> {
 /// Point the platform's record of `module` at another registry address (a proxy in front of
 /// the same registry).
 fn set_artifact_registry(node: &Node, module_id: &str, addr: &str) -> Result<()> {
-    let path = node.platform.state.join("store.json");
-    let mut store: Value = serde_json::from_slice(&fs::read(&path)?)?;
-    let r = &mut store["modules"][module_id]["artifact"]["ref"];
-    let old = r.as_str().context("ref")?.to_string();
-    *r = Value::String(old.replacen(&node.registry.addr, addr, 1));
-    let tmp = path.with_extension("json.test-tmp");
-    fs::write(&tmp, serde_json::to_vec_pretty(&store)?)?;
-    fs::rename(&tmp, &path)?;
-    Ok(())
+    let store: Value = serde_json::from_slice(&fs::read(node.platform.state.join("store.json"))?)?;
+    let old = store["modules"][module_id]["artifact"]["ref"]
+        .as_str()
+        .context("ref")?;
+    set_artifact_field(
+        node,
+        module_id,
+        "ref",
+        &old.replacen(&node.registry.addr, addr, 1),
+    )
 }
 
 /// A network that cuts every connection after 1 MiB: a 3 MiB module still arrives, by ranged
