@@ -339,11 +339,11 @@ impl Container {
         let deadline = Instant::now() + BOOT_TIMEOUT;
         let secs = BOOT_TIMEOUT.as_secs().to_string();
         loop {
-            // Before PID 1 opens its private socket systemctl fails to connect and prints
-            // nothing on stdout: retry until it answers with a state.
+            // Before PID 1 opens its private socket systemctl fails to connect: it prints
+            // nothing, or `offline`. Retry until PID 1 itself answers with a state.
             let out = self.exec(&["timeout", &secs, "systemctl", "is-system-running", "--wait"])?;
             let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            if !state.is_empty() && state != "initializing" && state != "starting" {
+            if !matches!(state.as_str(), "" | "offline" | "initializing" | "starting") {
                 return Ok(state);
             }
             if Instant::now() > deadline {
