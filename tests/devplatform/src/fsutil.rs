@@ -1,6 +1,7 @@
 //! Small filesystem helpers shared by the store and the CA: atomic replacement of a file
 //! (temporary file in the same directory, fsync, rename, fsync of the directory) with its mode
-//! set when the file is created, so a secret is never readable by others even for an instant.
+//! set when the file is created, so a secret is never readable by others even for an instant;
+//! and exclusive file locks.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
@@ -8,6 +9,22 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
+use nix::fcntl::{Flock, FlockArg};
+
+/// An exclusive `flock` on `path` (created, mode 0600, when absent), held until dropped.
+pub fn lock_exclusive(path: &Path) -> Result<Flock<File>> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(MODE_SECRET)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(|(_, errno)| errno)
+        .with_context(|| format!("flock {}", path.display()))
+}
 
 /// Mode for secrets (CA key, JWT secret, store with token hashes).
 pub const MODE_SECRET: u32 = 0o600;

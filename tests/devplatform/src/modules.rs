@@ -54,6 +54,7 @@ const MANIFEST_MEDIA_TYPE: &str = "application/vnd.powernode.module.manifest.v1+
 const EROFS_MEDIA_TYPE: &str = "application/vnd.powernode.module.erofs.v1";
 const ANNOTATION_FSVERITY: &str = "org.powernode.fsverity.digest";
 const ANNOTATION_ARCH: &str = "org.powernode.architecture";
+const OCI_IMAGE_INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
 const SIGSTORE_DIR: &str = "sigstore";
 const MODULES_DIR: &str = "modules";
 /// DER prefix of a P-256 SubjectPublicKeyInfo (the uncompressed point follows).
@@ -62,18 +63,30 @@ const P256_SPKI_PREFIX: [u8; 26] = [
     0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
 ];
 
-/// The current published artifact of a module.
+/// One architecture's artifact of a module version: its own manifest (tag
+/// `<version>-<arch>`), listed in the version's image index.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Artifact {
     #[serde(rename = "ref")]
     pub reference: String,
-    /// Manifest digest.
+    /// Digest of this architecture's manifest.
     pub digest: String,
+    /// Size of that manifest in bytes (the index descriptor carries it).
+    pub manifest_size: u64,
     pub architecture: String,
     pub fsverity_root_hash: String,
     pub size_bytes: u64,
     /// `sha256:` of the EROFS image (what the bundle signs).
     pub image_digest: String,
+}
+
+/// The OCI image index of a module version (tag `<version>`): what the platform hands out,
+/// so each node resolves its own architecture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IndexRecord {
+    #[serde(rename = "ref")]
+    pub reference: String,
+    pub digest: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -82,10 +95,28 @@ pub struct Module {
     pub name: String,
     pub version: String,
     pub version_number: u64,
-    pub artifact: Artifact,
+    pub index: IndexRecord,
+    /// The current version's artifacts by architecture.
+    pub artifacts: BTreeMap<String, Artifact>,
     /// `{public_key}` (PEM) or `{cosign_identity_regexp, cosign_issuer_regexp}`; `None` = none.
     #[serde(default)]
     pub trust_policy: Option<Value>,
+}
+
+impl Module {
+    /// The artifact for `arch`, else the first one (the upstream server's rule, Part B §10.3).
+    pub fn artifact_for(&self, arch: Option<&str>) -> Option<&Artifact> {
+        arch.and_then(|a| self.artifacts.get(a))
+            .or_else(|| self.artifacts.values().next())
+    }
+}
+
+/// What `module publish` reports: the module, and the artifact this run pushed.
+#[derive(Debug, Serialize)]
+pub struct Published {
+    #[serde(flatten)]
+    pub module: Module,
+    pub artifact: Artifact,
 }
 
 /// A persistent P-256 key (signing, transparency log, CT log).
@@ -432,9 +463,10 @@ fn registry_client(registry: &str) -> Client {
 }
 
 /// Builds, signs, pushes and records a module version. Returns the stored module.
-pub async fn publish(a: PublishArgs) -> Result<Module> {
+pub async fn publish(a: PublishArgs) -> Result<Published> {
     ensure!(valid_name(&a.name), "invalid module name {:?}", a.name);
     ensure!(valid_name(&a.version), "invalid version {:?}", a.version);
+    ensure!(valid_name(&a.arch), "invalid architecture {:?}", a.arch);
     ensure!(
         a.rootfs.is_dir(),
         "{} is not a directory",
@@ -499,13 +531,11 @@ pub async fn publish(a: PublishArgs) -> Result<Module> {
     let mut manifest = OciImageManifest::build(&layers, &config, None);
     manifest.artifact_type = Some(ARTIFACT_TYPE.to_string());
     manifest.media_type = Some(OCI_IMAGE_MEDIA_TYPE.to_string());
-    let repo_ref = format!(
-        "{}/powernode/modules/{}:{}-{}",
-        a.registry, a.name, a.version, a.arch
-    );
-    let reference: Reference = repo_ref
+    let repo = format!("{}/powernode/modules/{}", a.registry, a.name);
+    let arch_ref = format!("{repo}:{}-{}", a.version, a.arch);
+    let reference: Reference = arch_ref
         .parse()
-        .with_context(|| format!("reference {repo_ref}"))?;
+        .with_context(|| format!("reference {arch_ref}"))?;
     let client = registry_client(&a.registry);
     client
         .push(
@@ -516,7 +546,7 @@ pub async fn publish(a: PublishArgs) -> Result<Module> {
             Some(manifest),
         )
         .await
-        .with_context(|| format!("pushing {repo_ref}"))?;
+        .with_context(|| format!("pushing {arch_ref}"))?;
     // The registry's digest of the canonical bytes it stored (not our serialisation).
     let (raw, _) = client
         .pull_manifest_raw(
@@ -525,8 +555,16 @@ pub async fn publish(a: PublishArgs) -> Result<Module> {
             &[OCI_IMAGE_MEDIA_TYPE],
         )
         .await
-        .with_context(|| format!("reading back {repo_ref}"))?;
-    let manifest_digest = format!("sha256:{}", sha256_hex(&raw));
+        .with_context(|| format!("reading back {arch_ref}"))?;
+    let artifact = Artifact {
+        reference: arch_ref,
+        digest: format!("sha256:{}", sha256_hex(&raw)),
+        manifest_size: raw.len() as u64,
+        architecture: a.arch.clone(),
+        fsverity_root_hash: fsverity,
+        size_bytes: image.len() as u64,
+        image_digest,
+    };
 
     let trust_policy = if a.no_policy {
         None
@@ -545,37 +583,48 @@ pub async fn publish(a: PublishArgs) -> Result<Module> {
     } else {
         Some(json!({"public_key": sig.signing.public_pem()}))
     };
-    let artifact = Artifact {
-        reference: repo_ref.clone(),
-        digest: manifest_digest,
-        architecture: a.arch.clone(),
-        fsverity_root_hash: fsverity,
-        size_bytes: image.len() as u64,
-        image_digest,
-    };
     let bundle_bytes = serde_json::to_vec_pretty(&bundle)?;
-    let state_dir = a.state.clone();
+
+    // One publish at a time per platform, so two architectures of one version published at
+    // once both end up in its index.
+    let _publishing = fsutil::lock_exclusive(&a.state.join(MODULES_DIR).join("publish.lock"))?;
+    let existing = store
+        .read()?
+        .modules
+        .into_values()
+        .find(|m| m.name == a.name);
+    // The same version gains (or replaces) an architecture; another version starts afresh.
+    let mut artifacts = match &existing {
+        Some(m) if m.version == a.version => m.artifacts.clone(),
+        _ => BTreeMap::new(),
+    };
+    artifacts.insert(a.arch.clone(), artifact.clone());
+    let index_ref = format!("{repo}:{}", a.version);
+    let index_digest = push_index(&client, &index_ref, &artifacts).await?;
+    let id = existing
+        .as_ref()
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), |m| m.id.clone());
+    let dir = a.state.join(MODULES_DIR).join(&id);
+    fsutil::ensure_dir(&dir)?;
+    fsutil::write_atomic(
+        &dir.join(bundle_file(&a.arch)),
+        &bundle_bytes,
+        fsutil::MODE_PUBLIC,
+    )?;
     let module = store.transact(|s| {
-        let existing = s.modules.values().find(|m| m.name == a.name).cloned();
-        let id = existing
-            .as_ref()
-            .map_or_else(|| uuid::Uuid::new_v4().to_string(), |m| m.id.clone());
         let module = Module {
             id: id.clone(),
             name: a.name.clone(),
             version: a.version.clone(),
-            version_number: existing.map_or(1, |m| m.version_number + 1),
-            artifact,
-            trust_policy,
+            version_number: s.modules.get(&id).map_or(1, |m| m.version_number + 1),
+            index: IndexRecord {
+                reference: index_ref.clone(),
+                digest: index_digest.clone(),
+            },
+            artifacts: artifacts.clone(),
+            trust_policy: trust_policy.clone(),
         };
-        let dir = state_dir.join(MODULES_DIR).join(&id);
-        fsutil::ensure_dir(&dir)?;
-        fsutil::write_atomic(
-            &dir.join("bundle.sigstore.json"),
-            &bundle_bytes,
-            fsutil::MODE_PUBLIC,
-        )?;
-        s.modules.insert(id, module.clone());
+        s.modules.insert(id.clone(), module.clone());
         Ok::<_, anyhow::Error>((module, Outcome::Changed))
     })?;
 
@@ -589,7 +638,52 @@ pub async fn publish(a: PublishArgs) -> Result<Module> {
         )?;
         std::fs::copy(sig.dir.join("signing.pub"), out.join("signing.pub"))?;
     }
-    Ok(module)
+    Ok(Published { module, artifact })
+}
+
+/// The Sigstore bundle of one architecture's image, beside the module's record.
+fn bundle_file(arch: &str) -> String {
+    format!("bundle-{arch}.sigstore.json")
+}
+
+/// Pushes the image index of `artifacts` (one linux/<arch> manifest each) as `index_ref`;
+/// returns its digest (of exactly the bytes sent).
+async fn push_index(
+    client: &Client,
+    index_ref: &str,
+    artifacts: &BTreeMap<String, Artifact>,
+) -> Result<String> {
+    let manifests: Vec<Value> = artifacts
+        .values()
+        .map(|art| {
+            json!({
+                "mediaType": OCI_IMAGE_MEDIA_TYPE,
+                "digest": art.digest,
+                "size": art.manifest_size,
+                "artifactType": ARTIFACT_TYPE,
+                "platform": {"architecture": art.architecture, "os": "linux"},
+            })
+        })
+        .collect();
+    let body = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_IMAGE_INDEX_MEDIA_TYPE,
+        "artifactType": ARTIFACT_TYPE,
+        "manifests": manifests,
+    }))?;
+    let digest = format!("sha256:{}", sha256_hex(&body));
+    let reference: Reference = index_ref
+        .parse()
+        .with_context(|| format!("reference {index_ref}"))?;
+    client
+        .push_manifest_raw(
+            &reference,
+            body,
+            axum::http::HeaderValue::from_static(OCI_IMAGE_INDEX_MEDIA_TYPE),
+        )
+        .await
+        .with_context(|| format!("pushing the image index {index_ref}"))?;
+    Ok(digest)
 }
 
 /// The build directory, removed however `publish` ends.
@@ -729,18 +823,40 @@ pub async fn show(
     Ok(success(json!({"module": module})))
 }
 
+/// The instance's architecture as it enrolled (`None` when it did not say).
+fn instance_arch(state: &AppState, instance: &str) -> Result<Option<String>, ApiError> {
+    Ok(state
+        .store
+        .read()?
+        .instances
+        .get(instance)
+        .and_then(|i| i.architecture.clone()))
+}
+
+/// `data.oci`: the version's image index (each node resolves its own architecture from it),
+/// with the size, fs-verity digest and bundle of the instance's architecture, else the first.
 pub async fn download(
     State(state): State<Arc<AppState>>,
     auth: InstanceAuth,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Response, ApiError> {
     let st = state.clone();
-    let m = blocking(move || assigned(&st, &auth.instance_id, &id)).await?;
-    let a = &m.artifact;
+    let (m, arch) = blocking(move || {
+        let m = assigned(&st, &auth.instance_id, &id)?;
+        Ok((m, instance_arch(&st, &auth.instance_id)?))
+    })
+    .await?;
+    let a = m.artifact_for(arch.as_deref()).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "NO_DATA_FILE",
+            "Module has no data file",
+        )
+    })?;
     Ok(success(json!({
         "oci": {
-            "ref": a.reference,
-            "digest": a.digest,
+            "ref": m.index.reference,
+            "digest": m.index.digest,
             "architecture": a.architecture,
             "fsverity_root_hash": a.fsverity_root_hash,
             "size_bytes": a.size_bytes,
@@ -757,11 +873,13 @@ pub async fn cosign_bundle(
     let st = state.clone();
     let bytes = blocking(move || {
         let m = assigned(&st, &auth.instance_id, &id)?;
+        let arch = instance_arch(&st, &auth.instance_id)?;
+        let a = m.artifact_for(arch.as_deref()).ok_or_else(not_found)?;
         let p = st
             .state_dir
             .join(MODULES_DIR)
             .join(&m.id)
-            .join("bundle.sigstore.json");
+            .join(bundle_file(&a.architecture));
         std::fs::read(&p)
             .with_context(|| format!("reading {}", p.display()))
             .map_err(ApiError::from)

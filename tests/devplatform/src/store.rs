@@ -6,12 +6,11 @@
 //! SHA-256 hex digests.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -186,18 +185,7 @@ impl Store {
     }
 
     fn lock(&self) -> Result<Flock<File>> {
-        let path = self.dir.join(LOCK_FILE);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(fsutil::MODE_SECRET)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, errno)| errno)
-            .with_context(|| format!("flock {}", path.display()))
+        fsutil::lock_exclusive(&self.dir.join(LOCK_FILE))
     }
 
     fn load(&self) -> Result<State> {

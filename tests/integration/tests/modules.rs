@@ -52,8 +52,14 @@ impl Node {
         self.work.path().join("rootfs")
     }
 
-    /// `module publish` (+ extra flags) and `module assign`; returns the stored module record.
+    /// `module publish` of version 1.0.0 (+ extra flags) and `module assign`; returns what
+    /// publish printed (the module record and the artifact it pushed).
     fn publish_and_assign(&self, name: &str, extra: &[&str]) -> Result<Value> {
+        self.publish_version(name, "1.0.0", extra)
+    }
+
+    /// `module publish --version VERSION` (+ extra flags) and `module assign`.
+    fn publish_version(&self, name: &str, version: &str, extra: &[&str]) -> Result<Value> {
         let out_dir = self.work.path().join(format!("out-{name}"));
         let rootfs = self.rootfs();
         let mut args = vec![
@@ -64,7 +70,7 @@ impl Node {
             "--name",
             name,
             "--version",
-            "1.0.0",
+            version,
             "--out",
             out_dir.to_str().context("utf-8 path")?,
         ];
@@ -305,7 +311,7 @@ fn truncated_blob_in_the_registry_is_refused() -> Result<()> {
 /// the same registry).
 fn set_artifact_registry(node: &Node, module_id: &str, addr: &str) -> Result<()> {
     let store: Value = serde_json::from_slice(&fs::read(node.platform.state.join("store.json"))?)?;
-    let old = store["modules"][module_id]["artifact"]["ref"]
+    let old = store["modules"][module_id]["index"]["ref"]
         .as_str()
         .context("ref")?;
     set_artifact_field(
@@ -467,7 +473,7 @@ fn bundle_with_a_wrong_signature_is_refused() -> Result<()> {
         .state
         .join("modules")
         .join(id)
-        .join("bundle.sigstore.json");
+        .join("bundle-amd64.sigstore.json");
     let mut b: Value = serde_json::from_slice(&fs::read(&path)?)?;
     let sig = b["messageSignature"]["signature"]
         .as_str()
@@ -603,62 +609,26 @@ fn registry_http(registry: &str, head: &str, body: &[u8]) -> Result<(String, Vec
     Ok((status, resp[split + 4..].to_vec()))
 }
 
-/// Push an OCI image index listing `(architecture, manifest digest)` to `repo:tag`; returns
-/// its digest.
-fn push_index(registry: &str, repo: &str, tag: &str, entries: &[(&str, &str)]) -> Result<String> {
-    let mut manifests = Vec::new();
-    for (arch, digest) in entries {
-        let (status, body) = registry_http(
-            registry,
-            &format!(
-                "GET /v2/{repo}/manifests/{digest} HTTP/1.1\r\nAccept: application/vnd.oci.image.manifest.v1+json"
-            ),
-            b"",
-        )?;
-        ensure!(status.contains(" 200 "), "GET manifest {digest}: {status}");
-        manifests.push(serde_json::json!({
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": digest,
-            "size": body.len(),
-            "platform": {"architecture": arch, "os": "linux"}
-        }));
-    }
-    let index = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": manifests
-    }))?;
-    let (status, _) = registry_http(
-        registry,
-        &format!(
-            "PUT /v2/{repo}/manifests/{tag} HTTP/1.1\r\nContent-Type: application/vnd.oci.image.index.v1+json"
-        ),
-        &index,
-    )?;
-    ensure!(status.contains(" 201 "), "PUT index: {status}");
-    Ok(format!("sha256:{}", powernode::oci::sha256_hex(&index)))
-}
-
-/// Point the platform's record of `module` at another artifact digest (what a platform that
-/// publishes multi-architecture indexes would hand out). Atomic replace: the server re-reads
-/// the store under its lock on every request.
+/// Point the platform's record of `module` at another manifest or index digest. Atomic
+/// replace: the server re-reads the store under its lock on every request.
 fn set_artifact_digest(node: &Node, module_id: &str, digest: &str) -> Result<()> {
     set_artifact_field(node, module_id, "digest", digest)
 }
 
-/// Set one field of the platform's artifact record of `module_id` (atomic replace).
+/// Set one field of what the platform hands out for `module_id` (its index record).
 fn set_artifact_field(node: &Node, module_id: &str, field: &str, value: &str) -> Result<()> {
     let path = node.platform.state.join("store.json");
     let mut store: Value = serde_json::from_slice(&fs::read(&path)?)?;
-    store["modules"][module_id]["artifact"][field] = Value::String(value.to_string());
+    store["modules"][module_id]["index"][field] = Value::String(value.to_string());
     let tmp = path.with_extension("json.test-tmp");
     fs::write(&tmp, serde_json::to_vec_pretty(&store)?)?;
     fs::rename(&tmp, &path)?;
     Ok(())
 }
 
-/// A multi-architecture index: the node takes the manifest for its own architecture (the
-/// amd64 image, not the arm64 one published beside it), and an index without it is refused.
+/// The platform publishes one image index per version: the node takes the manifest for its
+/// own architecture (the amd64 image, not the arm64 one published beside it, whichever came
+/// first), and a version published only for another architecture is refused.
 #[test]
 fn an_image_index_resolves_to_the_node_architecture() -> Result<()> {
     ensure!(
@@ -666,40 +636,79 @@ fn an_image_index_resolves_to_the_node_architecture() -> Result<()> {
         "this test publishes for amd64"
     );
     let node = Node::start()?;
-    fs::write(node.rootfs().join("etc/hello/arch"), "arm64\n")?;
-    let arm = node.publish_and_assign_arch("hello", "arm64")?;
     fs::write(node.rootfs().join("etc/hello/arch"), "amd64\n")?;
     let amd = node.publish_and_assign_arch("hello", "amd64")?;
+    fs::write(node.rootfs().join("etc/hello/arch"), "arm64\n")?;
+    let both = node.publish_and_assign_arch("hello", "arm64")?;
     node.pin_trusted_root()?;
-    let id = amd["id"].as_str().context("id")?;
-    let reference = amd["artifact"]["ref"].as_str().context("ref")?;
-    let repo = reference
+    ensure!(both["id"] == amd["id"], "one module: {both}");
+    ensure!(
+        both["artifacts"]["amd64"] == amd["artifact"]
+            && both["artifacts"]["arm64"] == both["artifact"],
+        "both architectures are current: {both}"
+    );
+
+    // What the registry holds under the version's tag is an index of both.
+    let index_ref = both["index"]["ref"].as_str().context("index ref")?;
+    ensure!(index_ref.ends_with(":1.0.0"), "{index_ref}");
+    let repo = index_ref
         .split_once('/')
-        .map(|(_, r)| r)
-        .and_then(|r| r.rsplit_once(':'))
+        .and_then(|(_, r)| r.rsplit_once(':'))
         .map(|(r, _)| r)
         .context("repository")?;
-    let (d_arm, d_amd) = (
-        arm["artifact"]["digest"].as_str().context("arm digest")?,
-        amd["artifact"]["digest"].as_str().context("amd digest")?,
-    );
-    let both = push_index(
+    let (status, body) = registry_http(
         &node.registry.addr,
-        repo,
-        "1.0.0",
-        &[("arm64", d_arm), ("amd64", d_amd)],
+        &format!(
+            "GET /v2/{repo}/manifests/1.0.0 HTTP/1.1\r\nAccept: application/vnd.oci.image.index.v1+json"
+        ),
+        b"",
     )?;
-    set_artifact_digest(&node, id, &both)?;
+    ensure!(status.contains(" 200 "), "GET index: {status}");
+    ensure!(
+        format!("sha256:{}", powernode::oci::sha256_hex(&body)) == both["index"]["digest"],
+        "the recorded index digest is the registry's"
+    );
+    let index: Value = serde_json::from_slice(&body)?;
+    let platforms: Vec<(String, String)> = index["manifests"]
+        .as_array()
+        .context("manifests")?
+        .iter()
+        .map(|e| {
+            (
+                e["platform"]["architecture"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                e["digest"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let digest_of = |arch: &str| {
+        both["artifacts"][arch]["digest"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    ensure!(
+        platforms
+            == vec![
+                ("amd64".into(), digest_of("amd64")),
+                ("arm64".into(), digest_of("arm64"))
+            ],
+        "{index}"
+    );
+
     let (out, v) = node.update()?;
     ensure!(out.status.success(), "update: {}", describe(&out));
     let got = &v["modules"][0];
     ensure!(
-        got["image_digest"] == amd["artifact"]["image_digest"] && got["manifest_digest"] == d_amd,
+        got["image_digest"] == amd["artifact"]["image_digest"]
+            && got["manifest_digest"] == amd["artifact"]["digest"],
         "picked the wrong manifest: {v}"
     );
 
-    let only_arm = push_index(&node.registry.addr, repo, "arm-only", &[("arm64", d_arm)])?;
-    set_artifact_digest(&node, id, &only_arm)?;
+    // A version published for arm64 only: its index has no manifest for this node.
+    node.publish_version("hello", "2.0.0-arm-only", &["--arch", "arm64"])?;
     let (out, v) = node.update()?;
     ensure!(out.status.code() == Some(2), "update: {}", describe(&out));
     let err = v["error"].as_str().unwrap_or_default();
@@ -872,7 +881,7 @@ fn registry_down_and_wrong_media_type_are_clear_errors() -> Result<()> {
         "{:?}",
         node.store_entries()
     );
-    let reference = m["artifact"]["ref"].as_str().context("ref")?;
+    let reference = m["index"]["ref"].as_str().context("ref")?;
     set_artifact_field(&node, id, "ref", reference)?;
 
     // The same artifact with the image layer's media type changed.
