@@ -75,16 +75,22 @@ vm-test:
 	@$(MAKE) --no-print-directory vm-assets
 	$(CARGO) nextest run -p powernode-integration-tests --test vm_identity --test vm_systemd --test vm_boot
 
-# The suite against the development platform: a node enrolling and heartbeating, live.
+# One node's life on this machine: registry + development platform on loopback, signed modules
+# published (system-base + the upstream fixtures), a TCG VM booting our initramfs into them, the
+# fleet view live until Ctrl-C (DEMO_SECONDS=N stops after N s). See README.md.
 demo:
 	@$(MAKE) --no-print-directory deps
 	@$(MAKE) --no-print-directory build
 	@$(MAKE) --no-print-directory image
+	@$(MAKE) --no-print-directory vm-assets
 	$(CARGO) run -q -p powernode-integration-tests --bin powernode-demo
 
 # Figures, not tests (CI does not run it): `BENCH <name> <value> <unit>` lines, `vs <tool> <value>`
 # for a peer measured in the same run, `#` comments. See tests/bench/run.sh.
 bench:
+	@$(MAKE) --no-print-directory deps
+	@$(MAKE) --no-print-directory image
+	@$(MAKE) --no-print-directory vm-assets
 	@CARGO="$(CARGO)" bash tests/bench/run.sh
 
 clean-images:

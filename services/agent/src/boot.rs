@@ -121,10 +121,19 @@ pub fn run(args: BootArgs, paths: &Paths) -> Report {
     let started = Instant::now();
     match run_stages(&args, paths, &mut console) {
         Ok(details) => {
+            let cpu = sysroot::CpuTime::now().map_or_else(String::new, |c| {
+                format!(
+                    ", CPU {} ms (user {}, system {}; children {})",
+                    c.own_ms(),
+                    c.user_ms,
+                    c.system_ms,
+                    c.children_ms
+                )
+            });
             console.say(
                 "done",
                 format!(
-                    "boot path finished in {:.1}s",
+                    "boot path finished in {:.1}s{cpu}",
                     started.elapsed().as_secs_f64()
                 ),
             );
@@ -629,6 +638,7 @@ fn mount_sysroot(
                 }
             })
             .collect(),
+        cpu: sysroot::CpuTime::now(),
     };
     record.write(paths)?;
     Ok(())

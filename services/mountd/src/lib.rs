@@ -65,6 +65,10 @@ struct Assigned {
     effective_priority: Option<i64>,
     #[serde(default)]
     current_version: Option<serde_json::Value>,
+    /// The module keeps /var across reboots (`/persist/var` bound onto the root). The
+    /// development platform's addition; absent (false) from the upstream server.
+    #[serde(default)]
+    persistent: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -551,7 +555,7 @@ impl MountService {
             digest: f.image_digest.clone(),
             fsverity: f.fsverity_digest.clone(),
             priority: a.priority(),
-            persistent: false,
+            persistent: a.persistent,
             mounted_at: at.to_string(),
         }
     }
@@ -576,6 +580,7 @@ impl MountService {
         if let Some(cur) = desired.get(&a.id)
             && cur.digest == rec.digest
             && cur.priority == rec.priority
+            && cur.persistent == rec.persistent
             && self.state.union_mounted
         {
             return Ok(cur.digest.clone());

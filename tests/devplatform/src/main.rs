@@ -183,6 +183,10 @@ enum ModuleCommand {
         instance: String,
         #[arg(long)]
         module: String,
+        /// Keep the node's /var across reboots while this module is composed (`/persist/var`
+        /// bound onto the root); assigning again without it clears the flag.
+        #[arg(long)]
+        persistent: bool,
     },
     /// List published modules (JSON).
     List {
@@ -360,11 +364,12 @@ fn module_command(command: ModuleCommand) -> Result<()> {
             state,
             instance,
             module,
+            persistent,
         } => {
-            let id = modules::assign(&state, &instance, &module)?;
+            let id = modules::assign(&state, &instance, &module, persistent)?;
             println!(
                 "{}",
-                serde_json::json!({"instance": instance, "module_id": id})
+                serde_json::json!({"instance": instance, "module_id": id, "persistent": persistent})
             );
             Ok(())
         }

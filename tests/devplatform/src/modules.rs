@@ -705,8 +705,9 @@ fn tempfile_dir(state: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// `module assign`: add the module (by name or id) to the instance's assignments.
-pub fn assign(state: &Path, instance: &str, module: &str) -> Result<String> {
+/// `module assign`: add the module (by name or id) to the instance's assignments, and set
+/// whether its /var persists. Assigning again keeps the position and updates the flag.
+pub fn assign(state: &Path, instance: &str, module: &str, persistent: bool) -> Result<String> {
     let store = Store::open(state)?;
     store.transact(|s| {
         if !s.instances.contains_key(instance) {
@@ -721,11 +722,25 @@ pub fn assign(state: &Path, instance: &str, module: &str) -> Result<String> {
             bail!("no module {module}");
         };
         let list = s.assignments.entry(instance.to_string()).or_default();
-        if list.contains(&id) {
-            return Ok((id, Outcome::Unchanged));
+        let mut changed = false;
+        if !list.contains(&id) {
+            list.push(id.clone());
+            changed = true;
         }
-        list.push(id.clone());
-        Ok((id, Outcome::Changed))
+        let flags = s.persistent.entry(instance.to_string()).or_default();
+        changed |= if persistent {
+            flags.insert(id.clone())
+        } else {
+            flags.remove(&id)
+        };
+        Ok((
+            id,
+            if changed {
+                Outcome::Changed
+            } else {
+                Outcome::Unchanged
+            },
+        ))
     })
 }
 
@@ -775,13 +790,20 @@ pub async fn list(
     let st = state.clone();
     let modules = blocking(move || {
         let s = st.store.read()?;
+        let persistent = s.persistent.get(&auth.instance_id);
         Ok(s.assignments
             .get(&auth.instance_id)
             .map(|ids| {
                 ids.iter()
                     .filter_map(|id| s.modules.get(id))
                     .enumerate()
-                    .map(|(i, m)| summary(m, i + 1))
+                    .map(|(i, m)| {
+                        // This platform's addition (Part A): the upstream server has no such
+                        // field, so a node served by it sees `false`.
+                        let mut e = summary(m, i + 1);
+                        e["persistent"] = json!(persistent.is_some_and(|p| p.contains(&m.id)));
+                        e
+                    })
                     .collect::<Vec<_>>()
             })
             .unwrap_or_default())
@@ -997,7 +1019,7 @@ mod tests {
     #[test]
     fn assign_needs_instance_and_module() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let err = assign(dir.path(), "i-1", "hello").expect_err("no instance");
+        let err = assign(dir.path(), "i-1", "hello", false).expect_err("no instance");
         assert!(err.to_string().contains("no enrolled instance"), "{err}");
     }
 }

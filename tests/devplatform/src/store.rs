@@ -41,6 +41,9 @@ pub struct State {
     /// Instance id → assigned module ids, in assignment order.
     #[serde(default)]
     pub assignments: BTreeMap<String, Vec<String>>,
+    /// Instance id → assigned module ids whose /var persists (`module assign --persistent`).
+    #[serde(default)]
+    pub persistent: BTreeMap<String, std::collections::BTreeSet<String>>,
     /// Tasks keyed by id (`tasks.rs`).
     #[serde(default)]
     pub tasks: BTreeMap<String, crate::tasks::Task>,

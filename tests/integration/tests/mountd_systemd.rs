@@ -362,6 +362,52 @@ fn modules_are_composed_by_systemd_refreshed_atomically_and_detached() -> Result
         "old generations must be stopped: {units_now:?}"
     );
 
+    // A persistent module: the platform flags `top`; Sync composes a new generation with
+    // /persist/var bound onto its /var. A write under /var lands on /persist and survives the
+    // next refresh; a write elsewhere in the root lives in that generation's tmpfs upper only.
+    platform.cli(&[
+        "module",
+        "assign",
+        "--instance",
+        &instance,
+        "--module",
+        "top",
+        "--persistent",
+    ])?;
+    let g = mount_call(&c, "Sync", "")?;
+    ensure!(g == "t 5", "a changed persistence is a new generation: {g}");
+    let sj: Value =
+        serde_json::from_str(&c.exec_ok(&["cat", "/persist/var/lib/powernode/state.json"])?)?;
+    ensure!(
+        sj["modules"][top["id"].as_str().context("top id")?]["persistent"] == true
+            && sj["modules"][base["id"].as_str().context("base id")?]["persistent"] == false,
+        "{sj}"
+    );
+    ensure!(
+        mount_units(&c)?
+            .iter()
+            .any(|u| u == "run-powernode-root.gen-5-var.mount"),
+        "units: {:?}",
+        mount_units(&c)?
+    );
+    c.exec_ok(&["sh", "-c", "echo kept > /run/powernode/root/var/pn-kept"])?;
+    c.exec_ok(&[
+        "sh",
+        "-c",
+        "echo gone > /run/powernode/root/etc/pn-ephemeral",
+    ])?;
+    ensure!(c.exec_ok(&["cat", "/persist/var/pn-kept"])? == "kept\n");
+    mount_call(&c, "Detach", "base")?;
+    ensure!(prop(&c, "Generation")? == "t 6");
+    ensure!(c.exec_ok(&["cat", "/run/powernode/root/var/pn-kept"])? == "kept\n");
+    let eph = c.exec(&["test", "-e", "/run/powernode/root/etc/pn-ephemeral"])?;
+    ensure!(
+        !eph.status.success(),
+        "a write outside /var outlived its generation"
+    );
+    mount_call(&c, "Attach", "base")?;
+    ensure!(prop(&c, "Generation")? == "t 7");
+
     // polkit: powernode may start/stop/restart units (the agent's tasks need that), but no
     // other verb; any other user may do nothing.
     for (user, method, sig, args) in [

@@ -14,97 +14,19 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
-use powernode_integration_tests::devplatform::{DevPlatform, Token};
-use powernode_integration_tests::registry::Registry;
-use powernode_integration_tests::{bin, describe, require_tool, run, run_ok, workspace_root};
+use anyhow::{Context, Result, ensure};
+use powernode_integration_tests::vm::{Vm, WAITING_FOR_ASSIGNMENT, boot_lines, system_tree};
+use powernode_integration_tests::{require_tool, workspace_root};
 use serde_json::Value;
 
-/// The host as the guest sees it (guestfwd targets; the platform certificate carries it).
-const HOST_IN_GUEST: &str = "10.0.2.100";
-/// Per boot: a TCG boot of the initramfs with enrollment and two pulls takes ~30-60 s.
-const BOOT_TIMEOUT_SECS: &str = "200";
 const PERSIST_SIZE: &str = "256M";
 /// The system-base module (a Debian tree) is stored once and downloaded once beside it.
 const PERSIST_SIZE_SYSTEM: &str = "1G";
-/// What the guest prints when it has enrolled and no module is assigned yet.
-const WAITING_FOR_ASSIGNMENT: &str = "[boot:fetch] no modules assigned yet";
-
-fn port_of(addr: &str) -> Result<u16> {
-    addr.rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .with_context(|| format!("no port in {addr}"))
-}
-
-/// The dracut image for this agent binary and module source, built once and kept under
-/// build/vm/ (dracut takes a minute or more on two busy cores).
-fn base_initramfs(kroot: &Path) -> Result<PathBuf> {
-    let agent = bin("powernode-agent")?;
-    let root = workspace_root();
-    let module_dir = root.join("initramfs/modules.d/90powernode");
-    let mut inputs = vec![
-        agent.clone(),
-        root.join("initramfs/build.sh"),
-        kroot.join(".stamp"),
-    ];
-    let mut files: Vec<PathBuf> = fs::read_dir(&module_dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    files.sort();
-    inputs.extend(files);
-    // The key: the digest of every input's digest (paths left out, so a moved tree reuses it).
-    let sums = run_ok(Command::new("sha256sum").args(&inputs))?;
-    let digests: String = sums
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .collect::<Vec<_>>()
-        .join("\n");
-    let list = tempfile::NamedTempFile::new()?;
-    fs::write(list.path(), digests)?;
-    let key = run_ok(Command::new("sha256sum").arg(list.path()))?;
-    let key = &key[..16];
-    let dir = root.join("build/vm");
-    let img = dir.join(format!("initramfs-test-{key}.img"));
-    if img.is_file() {
-        return Ok(img);
-    }
-    fs::create_dir_all(&dir)?;
-    let tmp = dir.join(format!(".initramfs-test-{key}.{}.tmp", std::process::id()));
-    let start = Instant::now();
-    let out = run(Command::new("bash")
-        .arg(root.join("initramfs/build.sh"))
-        .arg(kroot)
-        .arg(&agent)
-        .arg(&tmp)
-        .args(["--install", "/usr/lib/systemd/systemd-socket-proxyd"])
-        // Trust roots and config come per run in the appended archive, not from this host.
-        .env("POWERNODE_TRUST_DIR", "/nonexistent")
-        .env("POWERNODE_CONFIG", "/nonexistent"))?;
-    ensure!(
-        out.status.success(),
-        "initramfs/build.sh: {}",
-        describe(&out)
-    );
-    println!("dracut initramfs built in {:.1?}", start.elapsed());
-    fs::rename(&tmp, &img)?;
-    // Older images (other agent builds) are 50 MB each: keep only this one.
-    for e in fs::read_dir(&dir)?.filter_map(|e| e.ok()) {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with("initramfs-test-") && e.path() != img {
-            fs::remove_file(e.path())
-                .with_context(|| format!("removing stale {}", e.path().display()))?;
-        }
-    }
-    Ok(img)
-}
 
 /// Two modules: `base` is a tiny OS (busybox + an init that reports, tests/vm/boot-module-init.sh),
 /// `app` carries a file of the same name. `base` is assigned first (rank 0), so its copy wins.
-fn small_trees(w: &Path) -> Result<Vec<(&'static str, PathBuf)>> {
+fn small_trees(w: &Path) -> Result<Vec<(String, PathBuf)>> {
     let busybox = require_tool("busybox")?;
     let base_tree = w.join("tree-base");
     for d in [
@@ -130,268 +52,7 @@ fn small_trees(w: &Path) -> Result<Vec<(&'static str, PathBuf)>> {
     fs::create_dir_all(app_tree.join("etc"))?;
     fs::write(app_tree.join("etc/pn-layer"), "app\n")?;
     fs::write(app_tree.join("etc/pn-app-only"), "yes\n")?;
-    Ok(vec![("app", app_tree), ("base", base_tree)])
-}
-
-/// A `system-base`-style module: the debootstrapped Debian of `make image` with the suite
-/// installed (units/ plus the multicall binary, daemons as argv[0] symlinks), the agent and
-/// systemd-networkd enabled (tests/vm/system-module.sh).
-fn system_tree(w: &Path) -> Result<Vec<(&'static str, PathBuf)>> {
-    let image = workspace_root().join("build/images/bookworm");
-    ensure!(
-        image.join(".powernode-image-stamp").is_file(),
-        "{} missing: run `make image`",
-        image.display()
-    );
-    let tree = w.join("tree-system");
-    let out = run(Command::new("bash")
-        .arg(workspace_root().join("tests/vm/system-module.sh"))
-        .arg(&image)
-        .arg(workspace_root().join("units"))
-        .arg(bin("powernode-agent")?)
-        .arg(&tree))?;
-    ensure!(out.status.success(), "system-module.sh: {}", describe(&out));
-    Ok(vec![("system-base", tree)])
-}
-
-/// A newc cpio of `dir`, appended to the dracut image (the kernel unpacks concatenated
-/// archives; an uncompressed one must start 4-byte aligned, so the base is zero-padded).
-fn with_overlay(base: &Path, dir: &Path, out: &Path) -> Result<()> {
-    let mut bytes = fs::read(base)?;
-    while bytes.len() % 512 != 0 {
-        bytes.push(0);
-    }
-    let cpio = run(Command::new("sh").arg("-c").arg(format!(
-        "cd '{}' && find . | cpio -o -H newc --quiet",
-        dir.display()
-    )))?;
-    ensure!(cpio.status.success(), "cpio: {}", describe(&cpio));
-    bytes.extend_from_slice(&cpio.stdout);
-    fs::write(out, bytes)?;
-    Ok(())
-}
-
-struct Vm {
-    registry: Registry,
-    platform: DevPlatform,
-    work: tempfile::TempDir,
-    vmlinuz: PathBuf,
-    initrd: PathBuf,
-    persist: PathBuf,
-    token: Token,
-}
-
-impl Vm {
-    /// Registry, platform, the initramfs with this run's trust root and registry relay, a
-    /// blank /persist disk of `persist_size`, and the modules `trees` builds (published, not
-    /// assigned: the platform accepts assignments only for enrolled instances).
-    fn setup(
-        persist_size: &str,
-        trees: impl FnOnce(&Path) -> Result<Vec<(&'static str, PathBuf)>>,
-    ) -> Result<Vm> {
-        for tool in [
-            "qemu-system-x86_64",
-            "socat",
-            "mkfs.erofs",
-            "fsverity",
-            "dracut",
-            "cpio",
-            "busybox",
-        ] {
-            require_tool(tool)?;
-        }
-        let (kroot, vmlinuz) = powernode_integration_tests::vm::kernel()?;
-        let base = base_initramfs(&kroot)?;
-        let registry = Registry::start()?;
-        let platform = DevPlatform::start(&["--san", HOST_IN_GUEST])?;
-        let work = tempfile::Builder::new().prefix("pn-vm-boot-").tempdir()?;
-        let w = work.path().to_path_buf();
-        let trees = trees(&w)?;
-        let token = platform.token(None)?;
-        let mut vm = Vm {
-            registry,
-            platform,
-            work,
-            vmlinuz,
-            initrd: PathBuf::new(),
-            persist: PathBuf::new(),
-            token,
-        };
-        for (name, tree) in &trees {
-            vm.publish(name, tree)?;
-        }
-        let first = trees.first().map(|(n, _)| *n).context("no module trees")?;
-
-        // Per-run additions: the platform's Sigstore trusted root and the registry relay.
-        let extra = w.join("initrd-extra");
-        let trust = extra.join("etc/powernode/trust");
-        fs::create_dir_all(&trust)?;
-        fs::copy(
-            w.join(format!("out-{first}/trusted_root.json")),
-            trust.join("trusted_root.json"),
-        )?;
-        let reg_port = port_of(&vm.registry.addr)?;
-        let out = run(Command::new("bash")
-            .arg(workspace_root().join("tests/vm/registry-relay.sh"))
-            .arg(&extra)
-            .arg(reg_port.to_string())
-            .arg(format!("{HOST_IN_GUEST}:{reg_port}")))?;
-        ensure!(
-            out.status.success(),
-            "registry-relay.sh: {}",
-            describe(&out)
-        );
-        vm.initrd = w.join("initrd.img");
-        with_overlay(&base, &extra, &vm.initrd)?;
-
-        vm.persist = w.join("persist.img");
-        run_ok(
-            Command::new("truncate")
-                .args(["-s", persist_size])
-                .arg(&vm.persist),
-        )?;
-        Ok(vm)
-    }
-
-    /// `module publish` of `tree`; the stored record.
-    fn publish(&self, name: &str, tree: &Path) -> Result<Value> {
-        let out_dir = self.work.path().join(format!("out-{name}"));
-        let m: Value = serde_json::from_str(&self.platform.cli(&[
-            "module",
-            "publish",
-            "--registry",
-            &self.registry.addr,
-            "--name",
-            name,
-            "--version",
-            "1.0.0",
-            "--out",
-            out_dir.to_str().context("utf-8 path")?,
-            tree.to_str().context("utf-8 path")?,
-        ])?)?;
-        Ok(m)
-    }
-
-    /// `module assign` to the VM's instance (the platform knows it only once it enrolled);
-    /// the assignment order is the priority rank.
-    fn assign(&self, name: &str) -> Result<()> {
-        self.platform.cli(&[
-            "module",
-            "assign",
-            "--instance",
-            &self.token.instance_uuid,
-            "--module",
-            name,
-        ])?;
-        Ok(())
-    }
-
-    /// One boot; the serial console. `on_enrolled` runs once the guest says it waits for an
-    /// assignment (it has enrolled by then, so the platform accepts one).
-    /// `stop_when`, checked twice a second, ends a boot that does not power off by itself.
-    fn boot(
-        &self,
-        label: &str,
-        on_enrolled: Option<&dyn Fn() -> Result<()>>,
-        stop_when: Option<&dyn Fn() -> Result<bool>>,
-    ) -> Result<String> {
-        let plat_port = port_of(&self.platform.url)?;
-        let reg_port = port_of(&self.registry.addr)?;
-        let fwd =
-            |p: u16| format!("guestfwd=tcp:{HOST_IN_GUEST}:{p}-cmd:socat - TCP:127.0.0.1:{p}");
-        let ca = self.work.path().join("ca.pem");
-        fs::write(&ca, &self.platform.ca_pem)?;
-        let fw = |k: &str, v: &str| format!("name=opt/com.powernode/{k},string={v}");
-        let start = Instant::now();
-        // TCG: /dev/kvm here is PVM and cannot run Debian's kernel (shared/harness.md §0).
-        let console_path = self.work.path().join(format!("console-{label}.log"));
-        let mut child = Command::new("timeout")
-            .args([BOOT_TIMEOUT_SECS, "qemu-system-x86_64"])
-            .args(["-accel", "tcg,thread=multi", "-cpu", "max", "-M", "q35"])
-            .args(["-m", "1024", "-smp", "2", "-nodefaults", "-no-user-config"])
-            .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
-            .arg("-kernel")
-            .arg(&self.vmlinuz)
-            .arg("-initrd")
-            .arg(&self.initrd)
-            .args([
-                "-append",
-                // rd.emergency=poweroff: a refused boot ends the VM instead of waiting at a shell.
-                "console=ttyS0 quiet panic=-1 rd.shell=0 rd.emergency=poweroff \
-                 powernode.module_wait=120",
-            ])
-            .args(["-fw_cfg", &fw("instance_uuid", &self.token.instance_uuid)])
-            .args(["-fw_cfg", &fw("bootstrap_token", &self.token.token)])
-            .args([
-                "-fw_cfg",
-                &fw(
-                    "platform_url",
-                    &format!("https://{HOST_IN_GUEST}:{plat_port}"),
-                ),
-            ])
-            .arg("-fw_cfg")
-            .arg(format!(
-                "name=opt/com.powernode/ca_pem,file={}",
-                ca.display()
-            ))
-            .arg("-drive")
-            .arg(format!(
-                "if=none,id=persist,file={},format=raw,cache=unsafe",
-                self.persist.display()
-            ))
-            .args(["-device", "virtio-blk-pci,drive=persist"])
-            .args([
-                "-netdev",
-                &format!(
-                    "user,id=n0,restrict=on,{},{}",
-                    fwd(plat_port),
-                    fwd(reg_port)
-                ),
-            ])
-            .args([
-                "-device",
-                "virtio-net-pci,netdev=n0",
-                "-device",
-                "virtio-rng-pci",
-            ])
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&console_path)?)
-            .stderr(fs::File::create(console_path.with_extension("stderr"))?)
-            .spawn()
-            .context("starting qemu")?;
-        let mut hook = on_enrolled;
-        let status = loop {
-            if let Some(st) = child.try_wait()? {
-                break st;
-            }
-            if let Some(stop) = stop_when
-                && stop()?
-            {
-                // SIGTERM to timeout(1), which passes it on to QEMU.
-                let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
-                nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
-                break child.wait()?;
-            }
-            // The guest has enrolled and found nothing assigned: the operator's turn.
-            if let Some(h) = hook
-                && fs::read_to_string(&console_path)?.contains(WAITING_FOR_ASSIGNMENT)
-            {
-                h()?;
-                hook = None;
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        };
-        let console = fs::read_to_string(&console_path)?;
-        println!("boot {label}: {:.1?}", start.elapsed());
-        ensure!(
-            hook.is_none(),
-            "boot {label}: the guest never waited for an assignment; console:\n{console}"
-        );
-        if status.code() == Some(124) {
-            bail!("boot {label} timed out after {BOOT_TIMEOUT_SECS} s; console:\n{console}");
-        }
-        Ok(console)
-    }
+    Ok(vec![("app".into(), app_tree), ("base".into(), base_tree)])
 }
 
 /// `PN-CHECK key=value` lines the module's init printed after the switch.
@@ -400,13 +61,6 @@ fn checks(console: &str) -> BTreeMap<String, String> {
         .lines()
         .filter_map(|l| l.split_once("PN-CHECK ")?.1.split_once('='))
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect()
-}
-
-fn boot_lines(console: &str) -> Vec<&str> {
-    console
-        .lines()
-        .filter_map(|l| l.find("[boot:").map(|i| &l[i..]))
         .collect()
 }
 
@@ -479,6 +133,18 @@ fn dracut_initramfs_enrolls_verifies_mounts_and_switches_root() -> Result<()> {
     }
     let record = boot_record(&c)?;
     ensure!(record["layers"][0]["name"] == "base", "{record}");
+    // The boot path accounts for its CPU (what `make bench` reports).
+    ensure!(
+        record["cpu"]["user_ms"].is_u64() && record["cpu"]["children_ms"].is_u64(),
+        "{record}"
+    );
+    ensure!(
+        boot_lines(&c)
+            .iter()
+            .any(|l| l.starts_with("[boot:done] boot path finished in") && l.contains(", CPU ")),
+        "no CPU figure on the console:\n{}",
+        boot_lines(&c).join("\n")
+    );
     ensure!(
         record["layers"][0]["image_digest"]
             .as_str()
