@@ -58,6 +58,20 @@ pub async fn shutdown_signal() -> Result<()> {
     Ok(())
 }
 
+/// The tail of an on-demand daemon once its bus name is owned: tells systemd it is ready
+/// (`status`), serves until `idle` has been idle for its limit or SIGTERM/SIGINT arrives, and
+/// tells systemd it is stopping.
+pub async fn serve_until_idle(idle: &crate::systemd::IdleTracker, status: &str) -> Result<()> {
+    idle.touch();
+    crate::systemd::ready(status);
+    tokio::select! {
+        _ = idle.wait_idle() => tracing::info!("idle, exiting"),
+        r = shutdown_signal() => { r?; tracing::info!("signal, exiting"); }
+    }
+    crate::systemd::stopping("exiting");
+    Ok(())
+}
+
 /// The shape of every daemon's `entry()`: logging under `identifier`, the node root, then `body`
 /// (configuration, sandbox, runtime, serving). An error is logged with its whole chain (`{:#}`)
 /// and the process exits 1.

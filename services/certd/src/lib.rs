@@ -23,7 +23,7 @@ use powernode::pki::{PkiStore, rfc3339};
 use powernode::retry::RetryPolicy;
 use powernode::rotation::{self, Verdict};
 use powernode::sandbox::Profile;
-use powernode::systemd::{self, IdleTracker};
+use powernode::systemd::IdleTracker;
 use powernode::{Error, ErrorKind};
 use time::OffsetDateTime;
 use zbus::object_server::SignalEmitter;
@@ -405,13 +405,7 @@ pub async fn serve(paths: Paths, cfg: Config) -> anyhow::Result<()> {
         .build()
         .await
         .with_context(|| format!("owning {CERT_NAME} on the system bus"))?;
-    idle.touch();
-    systemd::ready("serving com.powernode.Cert1");
-    tokio::select! {
-        _ = idle.wait_idle() => tracing::info!("idle, exiting"),
-        r = powernode::daemon::shutdown_signal() => { r?; tracing::info!("signal, exiting"); }
-    }
-    systemd::stopping("exiting");
+    powernode::daemon::serve_until_idle(&idle, "serving com.powernode.Cert1").await?;
     Ok(())
 }
 

@@ -17,7 +17,7 @@ use powernode::enroll::{self, EnrollParams, Outcome};
 use powernode::paths::Paths;
 use powernode::pki::{CertInfo, PkiStore};
 use powernode::sandbox::Profile;
-use powernode::systemd::{self, IdleTracker};
+use powernode::systemd::IdleTracker;
 use powernode::{Error, identity};
 use zbus::object_server::SignalEmitter;
 
@@ -278,13 +278,7 @@ pub async fn run(paths: Paths, cfg: Config) -> anyhow::Result<()> {
         .build()
         .await
         .with_context(|| format!("owning {ENROLL_NAME} on the system bus"))?;
-    idle.touch();
-    systemd::ready("serving com.powernode.Enroll1");
-    tokio::select! {
-        _ = idle.wait_idle() => tracing::info!("idle, exiting"),
-        r = powernode::daemon::shutdown_signal() => { r?; tracing::info!("signal, exiting"); }
-    }
-    systemd::stopping("exiting");
+    powernode::daemon::serve_until_idle(&idle, "serving com.powernode.Enroll1").await?;
     Ok(())
 }
 

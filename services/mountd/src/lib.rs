@@ -818,13 +818,7 @@ pub async fn serve(paths: Paths, cfg: Config, target: PathBuf) -> anyhow::Result
         .build()
         .await
         .with_context(|| format!("owning {MOUNT_NAME} on the system bus"))?;
-    idle.touch();
-    systemd::ready("serving com.powernode.Mount1");
-    tokio::select! {
-        _ = idle.wait_idle() => tracing::info!("idle, exiting"),
-        r = powernode::daemon::shutdown_signal() => { r?; tracing::info!("signal, exiting"); }
-    }
-    systemd::stopping("exiting");
+    powernode::daemon::serve_until_idle(&idle, "serving com.powernode.Mount1").await?;
     Ok(())
 }
 

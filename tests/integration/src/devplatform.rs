@@ -191,6 +191,47 @@ impl DevPlatform {
         })
     }
 
+    /// `module publish` of the tree `rootfs` to `registry` (+ `extra` flags such as `--arch`,
+    /// `--out`, `--identity`); what publish printed: the module record and the `artifact` it
+    /// pushed.
+    pub fn publish(
+        &self,
+        registry: &str,
+        name: &str,
+        version: &str,
+        rootfs: &Path,
+        extra: &[&str],
+    ) -> Result<Value> {
+        let mut args = vec![
+            "module",
+            "publish",
+            "--registry",
+            registry,
+            "--name",
+            name,
+            "--version",
+            version,
+        ];
+        args.extend_from_slice(extra);
+        args.push(rootfs.to_str().context("utf-8 path")?);
+        Ok(serde_json::from_str(&self.cli(&args)?)?)
+    }
+
+    /// `module assign` (+ `extra`, e.g. `--persistent`); the assignment order is the priority.
+    pub fn assign(&self, instance: &str, module: &str, extra: &[&str]) -> Result<()> {
+        let mut args = vec![
+            "module",
+            "assign",
+            "--instance",
+            instance,
+            "--module",
+            module,
+        ];
+        args.extend_from_slice(extra);
+        self.cli(&args)?;
+        Ok(())
+    }
+
     /// Fleet events the platform stored for `instance` (each with kind, severity, payload, …).
     pub fn events(&self, instance: &str) -> Result<Vec<Value>> {
         let v: Value =

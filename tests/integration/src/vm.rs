@@ -278,37 +278,22 @@ impl Vm {
         Ok(vm)
     }
 
-    /// `module publish` of `tree` as version 1.0.0; what publish printed.
+    /// `module publish` of `tree` as version 1.0.0, its files left in `out-<name>`.
     pub fn publish(&self, name: &str, tree: &Path) -> Result<Value> {
         let out_dir = self.work.path().join(format!("out-{name}"));
-        let m: Value = serde_json::from_str(&self.platform.cli(&[
-            "module",
-            "publish",
-            "--registry",
+        self.platform.publish(
             &self.registry.addr,
-            "--name",
             name,
-            "--version",
             "1.0.0",
-            "--out",
-            out_dir.to_str().context("utf-8 path")?,
-            tree.to_str().context("utf-8 path")?,
-        ])?)?;
-        Ok(m)
+            tree,
+            &["--out", out_dir.to_str().context("utf-8 path")?],
+        )
     }
 
     /// `module assign` to the VM's instance (the platform knows it only once it enrolled);
     /// the assignment order is the priority rank.
     pub fn assign(&self, name: &str) -> Result<()> {
-        self.platform.cli(&[
-            "module",
-            "assign",
-            "--instance",
-            &self.token.instance_uuid,
-            "--module",
-            name,
-        ])?;
-        Ok(())
+        self.platform.assign(&self.token.instance_uuid, name, &[])
     }
 
     /// Starts QEMU (TCG) on the kernel, the initramfs and the /persist disk, with fw-cfg

@@ -58,33 +58,16 @@ impl Node {
         self.publish_version(name, "1.0.0", extra)
     }
 
-    /// `module publish --version VERSION` (+ extra flags) and `module assign`.
+    /// `module publish --version VERSION` (+ extra flags, its files left in `out-<name>`) and
+    /// `module assign`.
     fn publish_version(&self, name: &str, version: &str, extra: &[&str]) -> Result<Value> {
         let out_dir = self.work.path().join(format!("out-{name}"));
-        let rootfs = self.rootfs();
-        let mut args = vec![
-            "module",
-            "publish",
-            "--registry",
-            &self.registry.addr,
-            "--name",
-            name,
-            "--version",
-            version,
-            "--out",
-            out_dir.to_str().context("utf-8 path")?,
-        ];
+        let mut args = vec!["--out", out_dir.to_str().context("utf-8 path")?];
         args.extend_from_slice(extra);
-        args.push(rootfs.to_str().context("utf-8 path")?);
-        let m: Value = serde_json::from_str(&self.platform.cli(&args)?)?;
-        self.platform.cli(&[
-            "module",
-            "assign",
-            "--instance",
-            &self.instance,
-            "--module",
-            name,
-        ])?;
+        let m = self
+            .platform
+            .publish(&self.registry.addr, name, version, &self.rootfs(), &args)?;
+        self.platform.assign(&self.instance, name, &[])?;
         Ok(m)
     }
 
@@ -220,17 +203,9 @@ fn published_module_is_pulled_verified_and_stored() -> Result<()> {
         "greeting = hello\n",
     )?;
     let rootfs = node.rootfs();
-    let m2: Value = serde_json::from_str(&node.platform.cli(&[
-        "module",
-        "publish",
-        "--registry",
-        &node.registry.addr,
-        "--name",
-        "hello",
-        "--version",
-        "1.1.0",
-        rootfs.to_str().context("utf-8 path")?,
-    ])?)?;
+    let m2 = node
+        .platform
+        .publish(&node.registry.addr, "hello", "1.1.0", &rootfs, &[])?;
     ensure!(m2["id"] == m["id"] && m2["version_number"] == 2, "{m2}");
     let d2 = m2["artifact"]["image_digest"].as_str().context("digest")?;
     ensure!(d2 != image_digest, "a changed tree gives a new image");

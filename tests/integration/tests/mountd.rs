@@ -83,25 +83,10 @@ impl Node {
 
     fn publish_and_assign(&self, name: &str) -> Result<Value> {
         let rootfs = self.work.path().join("rootfs");
-        let m: Value = serde_json::from_str(&self.platform.cli(&[
-            "module",
-            "publish",
-            "--registry",
-            &self.registry.addr,
-            "--name",
-            name,
-            "--version",
-            "1.0.0",
-            rootfs.to_str().context("utf-8 path")?,
-        ])?)?;
-        self.platform.cli(&[
-            "module",
-            "assign",
-            "--instance",
-            &self.instance,
-            "--module",
-            name,
-        ])?;
+        let m = self
+            .platform
+            .publish(&self.registry.addr, name, "1.0.0", &rootfs, &[])?;
+        self.platform.assign(&self.instance, name, &[])?;
         // The platform's Sigstore setup exists once something was published; pin its root.
         fs::copy(
             self.platform.state.join("sigstore/trusted_root.json"),

@@ -8,7 +8,6 @@
 #![allow(clippy::unwrap_used)] // test fixtures: a panic is the failure report
 
 use std::fs;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -23,25 +22,6 @@ const PATH: &str = "/com/powernode/Mount1";
 /// Loop nodes bound into the container: mount(8) takes the lowest free one host-wide, and
 /// other tests on the machine may hold a few.
 const LOOP_DEVICES: u32 = 32;
-
-fn publish(
-    platform: &DevPlatform,
-    registry: &Registry,
-    name: &str,
-    rootfs: &Path,
-) -> Result<Value> {
-    Ok(serde_json::from_str(&platform.cli(&[
-        "module",
-        "publish",
-        "--registry",
-        &registry.addr,
-        "--name",
-        name,
-        "--version",
-        "1.0.0",
-        rootfs.to_str().context("utf-8 path")?,
-    ])?)?)
-}
 
 fn mount_call(c: &Container, method: &str, arg: &str) -> Result<String> {
     let mut argv = vec!["busctl", "--timeout=120", "call", NAME, PATH, NAME, method];
@@ -129,18 +109,23 @@ fn modules_are_composed_by_systemd_refreshed_atomically_and_detached() -> Result
         fs::write(dir.join("etc/motd.d/shared"), shared)?;
         fs::write(dir.join(format!("{name}-only")), name)?;
     }
-    let base = publish(&platform, &registry, "base", &work.path().join("base"))?;
-    let top = publish(&platform, &registry, "top", &work.path().join("top"))?;
+    let base = platform.publish(
+        &registry.addr,
+        "base",
+        "1.0.0",
+        &work.path().join("base"),
+        &[],
+    )?;
+    let top = platform.publish(
+        &registry.addr,
+        "top",
+        "1.0.0",
+        &work.path().join("top"),
+        &[],
+    )?;
     // Assignment order gives the priorities: base 1, top 2.
     for name in ["base", "top"] {
-        platform.cli(&[
-            "module",
-            "assign",
-            "--instance",
-            &instance,
-            "--module",
-            name,
-        ])?;
+        platform.assign(&instance, name, &[])?;
     }
     let hex = |m: &Value| -> Result<String> {
         Ok(m["artifact"]["image_digest"]
@@ -365,15 +350,7 @@ fn modules_are_composed_by_systemd_refreshed_atomically_and_detached() -> Result
     // A persistent module: the platform flags `top`; Sync composes a new generation with
     // /persist/var bound onto its /var. A write under /var lands on /persist and survives the
     // next refresh; a write elsewhere in the root lives in that generation's tmpfs upper only.
-    platform.cli(&[
-        "module",
-        "assign",
-        "--instance",
-        &instance,
-        "--module",
-        "top",
-        "--persistent",
-    ])?;
+    platform.assign(&instance, "top", &["--persistent"])?;
     let g = mount_call(&c, "Sync", "")?;
     ensure!(g == "t 5", "a changed persistence is a new generation: {g}");
     let sj: Value =

@@ -818,25 +818,8 @@ fn modules() -> Result<()> {
     let registry = Registry::start()?;
     let platform = DevPlatform::start(&[])?;
     let (root, instance) = platform.enrolled_node("pn-bench-pull-")?;
-    let m: serde_json::Value = serde_json::from_str(&platform.cli(&[
-        "module",
-        "publish",
-        "--registry",
-        &registry.addr,
-        "--name",
-        "bench",
-        "--version",
-        "1.0.0",
-        rootfs.to_str().context("utf-8 path")?,
-    ])?)?;
-    platform.cli(&[
-        "module",
-        "assign",
-        "--instance",
-        &instance,
-        "--module",
-        "bench",
-    ])?;
+    let m = platform.publish(&registry.addr, "bench", "1.0.0", &rootfs, &[])?;
+    platform.assign(&instance, "bench", &[])?;
     let trust = root.path().join("etc/powernode/trust");
     fs::create_dir_all(&trust)?;
     fs::copy(
