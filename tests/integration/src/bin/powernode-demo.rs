@@ -63,15 +63,24 @@ fn short(d: &str) -> &str {
     &d[..d.len().min(12)]
 }
 
-fn fleet_view(vm: &Vm, id: &str, rec: &Value, seen_events: &mut BTreeSet<String>) -> Result<()> {
+/// One line per heartbeat; the module and task lines when they changed since `last`; new
+/// events.
+fn fleet_view(
+    vm: &Vm,
+    id: &str,
+    rec: &Value,
+    last: &mut String,
+    seen_events: &mut BTreeSet<String>,
+) -> Result<()> {
     println!(
-        "  node {id}: {} · heartbeats {} · last {} · load {} · free {} kB · boot {}",
+        "  node {}: {} · heartbeats {} · last {} · load {} · free {} kB · boot {}",
+        short(id),
         rec["status"].as_str().unwrap_or("?"),
         rec["heartbeat_count"],
         rec["last_heartbeat_at"].as_str().unwrap_or("-"),
         rec["load_average"].as_str().unwrap_or("-"),
         rec["memory_free_kb"],
-        rec["boot_id"].as_str().unwrap_or("-"),
+        rec["boot_id"].as_str().map_or("-", short),
     );
     let mods: Vec<String> = rec["module_digests"]
         .as_object()
@@ -81,18 +90,22 @@ fn fleet_view(vm: &Vm, id: &str, rec: &Value, seen_events: &mut BTreeSet<String>
                 .collect()
         })
         .unwrap_or_default();
-    println!(
-        "    modules ({}): {}",
+    let mut detail = format!(
+        "    modules ({}): {}\n",
         rec["mount_state"].as_str().unwrap_or("?"),
         mods.join(", ")
     );
     for t in vm.platform.tasks(id)? {
-        println!(
-            "    task {} {}: {}",
+        detail.push_str(&format!(
+            "    task {} {}: {}\n",
             t["command"].as_str().unwrap_or("?"),
             t["id"].as_str().map_or("?", short),
             t["status"].as_str().unwrap_or("?")
-        );
+        ));
+    }
+    if detail != *last {
+        print!("{detail}");
+        *last = detail;
     }
     for e in vm.platform.events(id)? {
         let key = e["correlation_id"].as_str().unwrap_or_default().to_string();
@@ -155,6 +168,7 @@ fn main() -> Result<()> {
     let mut last_beats = 0u64;
     let mut seen_events = BTreeSet::new();
     let mut reported = BTreeSet::new();
+    let mut last_detail = String::new();
     while !stop.load(Ordering::SeqCst) && limit.is_none_or(|l| start.elapsed() < l) {
         let console = running.console()?;
         let lines = boot_lines(&console);
@@ -185,8 +199,11 @@ fn main() -> Result<()> {
             let beats = rec["heartbeat_count"].as_u64().unwrap_or(0);
             if beats != last_beats {
                 last_beats = beats;
-                println!("\n  {:>6.1}s == fleet view", start.elapsed().as_secs_f64());
-                fleet_view(&vm, &id, &rec, &mut seen_events)?;
+                if last_detail.is_empty() {
+                    println!("\n  == fleet view (a line per heartbeat; details when they change)");
+                }
+                print!("  {:>6.1}s", start.elapsed().as_secs_f64());
+                fleet_view(&vm, &id, &rec, &mut last_detail, &mut seen_events)?;
                 if !task_sent {
                     let t =
                         vm.platform
