@@ -86,12 +86,13 @@ demo:
 	$(CARGO) run -q -p powernode-integration-tests --bin powernode-demo
 
 # Figures, not tests (CI does not run it): `BENCH <name> <value> <unit>` lines, `vs <tool> <value>`
-# for a peer measured in the same run, `#` comments. See tests/bench/run.sh.
+# for a peer measured in the same run, `#` comments. See tests/bench/run.sh. `make bench
+# SECTIONS="modules boot"` runs only those sections.
 bench:
 	@$(MAKE) --no-print-directory deps
 	@$(MAKE) --no-print-directory image
 	@$(MAKE) --no-print-directory vm-assets
-	@CARGO="$(CARGO)" bash tests/bench/run.sh
+	@CARGO="$(CARGO)" bash tests/bench/run.sh $(SECTIONS)
 
 clean-images:
 	rm -rf --one-file-system build/images

@@ -88,6 +88,39 @@ pub fn digest_file(path: &Path) -> std::io::Result<[u8; HASH_LEN]> {
     digest_reader(std::io::BufReader::new(std::fs::File::open(path)?))
 }
 
+/// Passes what it reads through, feeding a plain SHA-256 on the way.
+struct Sha256Tee<R> {
+    inner: R,
+    ctx: Context,
+}
+
+impl<R: Read> Read for Sha256Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.ctx.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Both digests of a file from one read of it: the plain SHA-256 (hex, what an OCI blob is
+/// addressed by) and the fs-verity digest. A cached module image is checked against both, and
+/// on a verity-enabled file every read costs the kernel a Merkle check too.
+pub fn file_digests(path: &Path) -> std::io::Result<(String, [u8; HASH_LEN])> {
+    let mut tee = Sha256Tee {
+        inner: std::io::BufReader::with_capacity(256 * 1024, std::fs::File::open(path)?),
+        ctx: Context::new(&SHA256),
+    };
+    let fsverity = digest_reader(&mut tee)?;
+    let sha: String = tee
+        .ctx
+        .finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((sha, fsverity))
+}
+
 /// `sha256:<hex>`, as `fsverity digest` prints it.
 pub fn format(d: &[u8; HASH_LEN]) -> String {
     let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
@@ -96,6 +129,28 @@ pub fn format(d: &[u8; HASH_LEN]) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn one_read_gives_both_digests() {
+        let dir = tempfile::tempdir().expect("dir");
+        for len in [0usize, 1, 4095, 4096, 4097, 300_000] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let f = dir.path().join(format!("f{len}"));
+            std::fs::write(&f, &bytes).expect("write");
+            let (sha, v) = file_digests(&f).expect("digests");
+            let want_sha: String = digest(&SHA256, &bytes)
+                .as_ref()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(sha, want_sha, "sha256 of {len} bytes");
+            assert_eq!(
+                v,
+                digest_reader(&bytes[..]).expect("verity"),
+                "fs-verity of {len} bytes"
+            );
+        }
+    }
 
     #[test]
     fn kernel_verity_on_tmpfs_is_unsupported_not_an_error() {

@@ -4,7 +4,7 @@
 //! content-addressed store and its SHA-256 and fs-verity digests are checked. No policy, no
 //! trusted root, no bundle → refused (fail closed).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -269,10 +269,12 @@ pub async fn fetch_and_verify(
         .map_err(|e| refuse(format!("signature bundle: {e}")))?;
 
     let store = store_dir(paths);
-    let path = oci::pull_blob_to_store(&oc, &reference, &layer, &store)
+    let oci::Stored {
+        path,
+        fsverity: fsv,
+    } = oci::pull_blob_to_store(&oc, &reference, &layer, &store)
         .await
         .map_err(|e| pull_err(e, &refuse, &other))?;
-    let fsv = fsverity_of(&path).await.map_err(|e| other(e.to_string()))?;
     if fsv != want_fsverity {
         // The bytes hash right but the annotation lies: do not keep it under its address.
         if let Err(e) = std::fs::remove_file(&path) {
@@ -329,15 +331,6 @@ fn pull_err(
         PullError::Integrity(m) => refuse(m),
         PullError::Registry(m) | PullError::Io(m) => other(m),
     }
-}
-
-async fn fsverity_of(path: &Path) -> std::io::Result<String> {
-    let p = path.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        crate::fsverity::digest_file(&p).map(|d| crate::fsverity::format(&d))
-    })
-    .await
-    .map_err(std::io::Error::other)?
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use aws_lc_rs::digest::{Context, SHA256};
+use aws_lc_rs::digest::SHA256;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::{OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageManifest};
 use oci_client::secrets::RegistryAuth;
@@ -256,6 +256,14 @@ pub async fn pull_manifest(
 /// for the next pull to resume).
 const RESUME_ATTEMPTS: u32 = 8;
 
+/// A blob in the store, checked.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub path: PathBuf,
+    /// Its fs-verity digest (`sha256:<hex>`), computed in the same read as the SHA-256 check.
+    pub fsverity: String,
+}
+
 /// Streams `layer` into `<store>/<sha256 hex>`: a partial file `.<hex>.partial` (locked, so one
 /// puller per blob), resumed with an HTTP range request after an interrupted download — within
 /// this pull, or by the next one after a crash — then size and digest checked over the whole
@@ -266,7 +274,7 @@ pub async fn pull_blob_to_store(
     reference: &Reference,
     layer: &OciDescriptor,
     store: &Path,
-) -> Result<PathBuf, PullError> {
+) -> Result<Stored, PullError> {
     use futures_util::StreamExt as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     use tokio::io::{AsyncSeekExt as _, AsyncWriteExt as _};
@@ -281,8 +289,14 @@ pub async fn pull_blob_to_store(
         .await
         .map_err(|e| io("creating", store, e))?;
     let dest = store.join(&want_hex);
-    if dest.is_file() && file_sha256(&dest).await.ok().as_deref() == Some(want_hex.as_str()) {
-        return Ok(dest);
+    if dest.is_file()
+        && let Ok((sha, fsverity)) = file_digests(&dest).await
+        && sha == want_hex
+    {
+        return Ok(Stored {
+            path: dest,
+            fsverity,
+        });
     }
     let partial = store.join(format!(".{want_hex}.partial"));
     let file = std::fs::OpenOptions::new()
@@ -395,7 +409,7 @@ pub async fn pull_blob_to_store(
         .await
         .map_err(|e| io("syncing", &partial, e))?;
     drop(out);
-    let got = file_sha256(&partial)
+    let (got, fsverity) = file_digests(&partial)
         .await
         .map_err(|e| io("reading", &partial, e))?;
     if got != want_hex {
@@ -413,7 +427,10 @@ pub async fn pull_blob_to_store(
         .map_err(|e| io("renaming into", &dest, e))?;
     crate::fsutil::fsync_dir(store).map_err(|e| PullError::Io(e.to_string()))?;
     drop(lock);
-    Ok(dest)
+    Ok(Stored {
+        path: dest,
+        fsverity,
+    })
 }
 
 /// Pulls a small blob (the module's manifest.yaml) into memory, refusing one whose descriptor
@@ -491,21 +508,11 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Capped<W> {
     }
 }
 
-async fn file_sha256(path: &Path) -> std::io::Result<String> {
+/// [`crate::fsverity::file_digests`] off the async runtime; the fs-verity digest formatted.
+async fn file_digests(path: &Path) -> std::io::Result<(String, String)> {
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        use std::io::Read as _;
-        let mut f = std::fs::File::open(&path)?;
-        let mut ctx = Context::new(&SHA256);
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            ctx.update(&buf[..n]);
-        }
-        Ok(hex(ctx.finish().as_ref()))
+        crate::fsverity::file_digests(&path).map(|(sha, v)| (sha, crate::fsverity::format(&v)))
     })
     .await
     .map_err(std::io::Error::other)?

@@ -45,4 +45,4 @@ if "$VENV/bin/python" -m sigstore --version >/dev/null 2>&1; then
 	export POWERNODE_BENCH_PYTHON=$PWD/$VENV/bin/python
 fi
 unset POWERNODE_METADATA_URL
-exec "$BIN_DIR/powernode-bench"
+exec "$BIN_DIR/powernode-bench" "$@"
