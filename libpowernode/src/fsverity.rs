@@ -153,6 +153,21 @@ mod tests {
     }
 
     #[test]
+    fn without_kernel_verity_a_cached_image_is_always_read_again() {
+        let dir = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
+        let (img, binding) = (dir.path().join("img"), dir.path().join("binding"));
+        std::fs::write(&img, b"module bytes").expect("write");
+        let want = format(&digest_file(&img).expect("digest"));
+        assert!(!kernel_verified(&img, &binding, &want), "no binding");
+        std::fs::write(&binding, &want).expect("write");
+        assert!(!kernel_verified(&img, &binding, &want), "tmpfs: verity off");
+        assert!(
+            !kernel_verified(&img, &binding, "sha256:00"),
+            "another digest"
+        );
+    }
+
+    #[test]
     fn kernel_verity_on_tmpfs_is_unsupported_not_an_error() {
         // /dev/shm is tmpfs everywhere: no fs-verity, whatever the kernel.
         let dir = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
@@ -233,11 +248,7 @@ pub fn enable_and_measure(path: &Path, expected: &str) -> std::io::Result<Kernel
         // Enabling needs the file not open for writing anywhere; any other error is real.
         Err(e) => return Err(std::io::Error::from(e)),
     }
-    let (alg, d) = crate::sys::measure_verity(&file).map_err(std::io::Error::from)?;
-    let got = format!(
-        "sha256:{}",
-        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    );
+    let (alg, got) = measure(&file)?;
     if alg != 1 || got != expected {
         return Err(std::io::Error::other(format!(
             "the kernel measures {} as {got} (algorithm {alg}), expected {expected}",
@@ -245,4 +256,37 @@ pub fn enable_and_measure(path: &Path, expected: &str) -> std::io::Result<Kernel
         )));
     }
     Ok(KernelVerity::Enforced)
+}
+
+/// The kernel's measurement of a verity file: (algorithm, `sha256:<hex>`).
+fn measure(file: &std::fs::File) -> std::io::Result<(u16, String)> {
+    let (alg, d) = crate::sys::measure_verity(file).map_err(std::io::Error::from)?;
+    Ok((
+        alg,
+        format!(
+            "sha256:{}",
+            d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ),
+    ))
+}
+
+/// Whether a stored image may be used without reading it again: the kernel enforces fs-verity
+/// on it and measures it as `expected` (the digest-pinned artifact's annotation), and an
+/// earlier full check of this image — SHA-256 against the signed digest and fs-verity, read
+/// together — recorded the same digest in `binding`. The kernel then verifies every page read
+/// against that digest, so re-hashing the file would repeat what the kernel does anyway. Any
+/// doubt (no binding, another digest, verity off, an unsupported filesystem) answers `false`
+/// and the image is checked in full.
+pub fn kernel_verified(path: &Path, binding: &Path, expected: &str) -> bool {
+    let recorded = match std::fs::read_to_string(binding) {
+        Ok(r) => r,
+        Err(_) => return false,
+    };
+    if recorded.trim() != expected {
+        return false;
+    }
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    matches!(measure(&file), Ok((1, got)) if got == expected)
 }

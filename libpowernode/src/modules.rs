@@ -4,7 +4,7 @@
 //! content-addressed store and its SHA-256 and fs-verity digests are checked. No policy, no
 //! trusted root, no bundle → refused (fail closed).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -119,6 +119,23 @@ pub async fn assigned(client: &mut InstanceClient) -> crate::Result<Vec<ModuleSu
 /// Where the images live under the node root.
 pub fn store_dir(paths: &Paths) -> PathBuf {
     paths.under(oci::STORE_DIR)
+}
+
+/// Beside the store: per image (by SHA-256 hex), the fs-verity digest a full check bound it
+/// to, written only once the kernel enforces that digest on the stored file
+/// ([`crate::fsverity::kernel_verified`]).
+pub fn verity_binding(paths: &Paths, hex: &str) -> PathBuf {
+    paths.under(oci::VERITY_BINDINGS_DIR).join(hex)
+}
+
+fn remove_binding(binding: &Path) {
+    match std::fs::remove_file(binding) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %binding.display(), error = %e, "cannot remove a stale fs-verity binding")
+        }
+    }
 }
 
 fn local_policy(paths: &Paths, name: &str) -> Option<TrustPolicy> {
@@ -269,6 +286,33 @@ pub async fn fetch_and_verify(
         .map_err(|e| refuse(format!("signature bundle: {e}")))?;
 
     let store = store_dir(paths);
+    let hex = oci::digest_hex(&layer.digest)
+        .map_err(|e| pull_err(e, &refuse, &other))?
+        .to_string();
+    let binding = verity_binding(paths, &hex);
+    let cached = {
+        let (p, b, want) = (store.join(&hex), binding.clone(), want_fsverity.clone());
+        tokio::task::spawn_blocking(move || crate::fsverity::kernel_verified(&p, &b, &want))
+            .await
+            .map_err(|e| other(e.to_string()))?
+    };
+    if cached {
+        tracing::info!(module = %module.name, "cached image: the kernel enforces its fs-verity digest; not read again");
+        return Ok(Fetched {
+            kernel_verity: "enforced (cached image, not read again)".to_string(),
+            id: module.id.clone(),
+            name: module.name.clone(),
+            image_digest: layer.digest.clone(),
+            manifest_digest,
+            fsverity_digest: want_fsverity,
+            size_bytes: u64::try_from(layer.size).unwrap_or(0),
+            path: store.join(&hex),
+            signer: verified.identity,
+            manifest: module_manifest,
+        });
+    }
+    // A full check follows: an old binding must not outlive a refusal.
+    remove_binding(&binding);
     let oci::Stored {
         path,
         fsverity: fsv,
@@ -295,6 +339,13 @@ pub async fn fetch_and_verify(
     let kernel_verity = match kernel {
         Ok(crate::fsverity::KernelVerity::Enforced) => {
             tracing::info!(module = %module.name, "fs-verity enabled; the kernel measurement matches");
+            // What the next fetch of this image may rely on instead of reading it again.
+            if let Some(dir) = binding.parent()
+                && let Err(e) = crate::fsutil::ensure_dir(dir, 0o755)
+                    .and_then(|()| crate::fsutil::atomic_write(&binding, fsv.as_bytes(), 0o644))
+            {
+                tracing::warn!(error = %e, "fs-verity binding not recorded; the next fetch reads the image again");
+            }
             "enforced".to_string()
         }
         Ok(crate::fsverity::KernelVerity::Unsupported(why)) => {

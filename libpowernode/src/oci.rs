@@ -29,6 +29,9 @@ pub const ANNOTATION_ARCH: &str = "org.powernode.architecture";
 
 /// Store location under the node root.
 pub const STORE_DIR: &str = "/persist/cache/modules";
+/// Beside the store: which images a full check bound to a kernel-enforced fs-verity digest
+/// (`crate::modules::verity_binding`).
+pub const VERITY_BINDINGS_DIR: &str = "/persist/cache/modules.verity";
 
 /// Why a pull failed. `Integrity` means the bytes did not match what was asked for.
 #[derive(Debug, thiserror::Error)]

@@ -151,11 +151,13 @@ impl FsRules {
                 read.push(paths.state_dir());
                 write.push(paths.state_dir().join("events"));
             }
-            // state.json (state dir), the module store it pulls into, and /run/powernode where
-            // it links the target and creates the overlay's upper/work directories.
+            // state.json (state dir), the module store it pulls into (and its fs-verity
+            // bindings), and /run/powernode where it links the target and creates the
+            // overlay's upper/work directories.
             Profile::Mount => {
                 write.push(paths.state_dir());
                 write.push(paths.under(crate::oci::STORE_DIR));
+                write.push(paths.under(crate::oci::VERITY_BINDINGS_DIR));
                 write.push(paths.run_dir());
             }
         }

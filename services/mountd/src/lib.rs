@@ -831,7 +831,11 @@ pub fn entry(argv: impl IntoIterator<Item = OsString>) -> ExitCode {
             let cfg = Config::load(&paths)?;
             // Landlock grants only paths that exist when it is applied (tmpfiles.d creates
             // them on a node; a fresh --root may not have them yet).
-            for dir in [modules::store_dir(&paths), paths.run_dir()] {
+            for dir in [
+                modules::store_dir(&paths),
+                paths.under(powernode::oci::VERITY_BINDINGS_DIR),
+                paths.run_dir(),
+            ] {
                 fsutil::ensure_dir(&dir, 0o755)?;
             }
             let rt = powernode::daemon::start(Profile::Mount, &paths)?;

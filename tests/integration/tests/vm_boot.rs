@@ -174,6 +174,24 @@ fn dracut_initramfs_enrolls_verifies_mounts_and_switches_root() -> Result<()> {
         !c.contains("[boot:enroll] enrolling"),
         "enrolled again:\n{c}"
     );
+    // base was verified in full on the first boot and the kernel enforces its fs-verity
+    // digest: it is not read again; app is new and is.
+    has(
+        &c,
+        "module base: signature by public key OK, sha256 and fs-verity",
+    )?;
+    has(
+        &c,
+        "kernel fs-verity enforced (cached image, not read again)",
+    )?;
+    ensure!(
+        boot_lines(&c)
+            .iter()
+            .any(|l| l.starts_with("[boot:verify] module app:")
+                && l.ends_with("kernel fs-verity enforced")),
+        "app is not checked in full:\n{}",
+        boot_lines(&c).join("\n")
+    );
     has(&c, "[boot:mount] lower 0: module base")?;
     has(&c, "[boot:mount] lower 1: module app")?;
     has(&c, "PN-SYSROOT-END")?;
