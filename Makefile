@@ -11,13 +11,14 @@ IMAGE_DIR := build/images/bookworm
 #   util-linux, passwd              setpriv/nsenter, groupadd
 #   socat                           forwarding into guests and containers
 #   pkg-config, libtss2-dev         building tss-esapi
-#   qemu-system-x86, busybox-static, cpio, kmod, binutils  the TCG VM tier (tests/vm/)
+#   qemu-system-x86, busybox-static, cpio, kmod, binutils, e2fsprogs  the TCG VM tier (tests/vm/;
+#       debugfs edits a powered-off /persist disk)
 #   docker-registry, erofs-utils, fsverity  module publishing and pulling (tests/integration/tests/modules.rs)
 #   dracut-core, dracut-network, zstd  `make initramfs` and the VM boot test (initramfs/build.sh).
 #       dracut-core has the `dracut` tool and does not conflict with initramfs-tools (the
 #       `dracut` package does, and would replace it); dracut-network has the systemd-networkd module.
 DEB_PACKAGES := debootstrap systemd-container dbus util-linux passwd socat pkg-config libtss2-dev ca-certificates \
-	qemu-system-x86 busybox-static cpio kmod binutils docker-registry erofs-utils fsverity \
+	qemu-system-x86 busybox-static cpio kmod binutils e2fsprogs docker-registry erofs-utils fsverity \
 	dracut-core dracut-network zstd
 
 .PHONY: all deps build image vm-assets initramfs lint test vm-test demo bench clean-images

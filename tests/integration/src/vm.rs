@@ -20,6 +20,8 @@ use crate::{bin, describe, require_tool, run, run_ok, workspace_root};
 pub const HOST_IN_GUEST: &str = "10.0.2.100";
 /// Per boot: a TCG boot of the initramfs with enrollment and two pulls takes ~30-60 s.
 pub const BOOT_TIMEOUT_SECS: u64 = 200;
+/// Set to `1` to keep a [`Vm`]'s work directory (consoles, /persist disk, initrd).
+pub const KEEP_ENV: &str = "POWERNODE_KEEP_VM";
 /// What the guest prints when it has enrolled and no module is assigned yet.
 pub const WAITING_FOR_ASSIGNMENT: &str = "[boot:fetch] no modules assigned yet";
 
@@ -229,7 +231,12 @@ impl Vm {
         let mut args = vec!["--san", HOST_IN_GUEST];
         args.extend_from_slice(platform_args);
         let platform = DevPlatform::start(&args)?;
-        let work = tempfile::Builder::new().prefix("pn-vm-boot-").tempdir()?;
+        let mut work = tempfile::Builder::new().prefix("pn-vm-boot-").tempdir()?;
+        // POWERNODE_KEEP_VM=1 leaves the consoles, disk and initrd behind for a post-mortem.
+        if std::env::var_os(KEEP_ENV).is_some_and(|v| v == "1") {
+            work.disable_cleanup(true);
+            eprintln!("{KEEP_ENV}=1: keeping {}", work.path().display());
+        }
         let w = work.path().to_path_buf();
         let trees = trees(&w)?;
         let token = platform.token(None)?;

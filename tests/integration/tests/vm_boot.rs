@@ -6,8 +6,10 @@
 //! One test, three boots from the same /persist disk (state carries over, so they cannot run
 //! apart): a blank disk is formatted and the node enrolls, pulls, verifies and stacks two signed
 //! modules at /sysroot, and systemd switches into it; the second boot reuses the PKI (the
-//! single-use token would be refused otherwise); a third, with a tampered module assigned, stops
-//! at `[boot:verify]` and never switches root.
+//! single-use token would be refused otherwise) and the cached module is taken on the kernel's
+//! fs-verity word; a third, with base's cached image swapped on the powered-off disk (read in
+//! full and fetched again) and a module tampered in the registry assigned, stops at
+//! `[boot:verify]` and never switches root.
 
 #![allow(clippy::unwrap_used)] // test fixtures: a panic is the failure report
 
@@ -62,6 +64,20 @@ fn checks(console: &str) -> BTreeMap<String, String> {
         .filter_map(|l| l.split_once("PN-CHECK ")?.1.split_once('='))
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .collect()
+}
+
+/// `e2fsck -fy` of a powered-off disk image: 0 (clean) or 1 (repaired) is fine.
+fn fsck(disk: &Path) -> Result<()> {
+    let out = powernode_integration_tests::run(
+        std::process::Command::new("e2fsck").arg("-fy").arg(disk),
+    )?;
+    ensure!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "e2fsck {}: {}",
+        disk.display(),
+        powernode_integration_tests::describe(&out)
+    );
+    Ok(())
 }
 
 fn has(console: &str, needle: &str) -> Result<()> {
@@ -133,6 +149,10 @@ fn dracut_initramfs_enrolls_verifies_mounts_and_switches_root() -> Result<()> {
     }
     let record = boot_record(&c)?;
     ensure!(record["layers"][0]["name"] == "base", "{record}");
+    let base_digest = record["layers"][0]["image_digest"]
+        .as_str()
+        .context("base image digest")?
+        .to_string();
     // The boot path accounts for its CPU (what `make bench` reports).
     ensure!(
         record["cpu"]["user_ms"].is_u64() && record["cpu"]["children_ms"].is_u64(),
@@ -222,7 +242,44 @@ fn dracut_initramfs_enrolls_verifies_mounts_and_switches_root() -> Result<()> {
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
     fs::write(&blob, bytes)?;
+    // ... and base's cached image is swapped on the powered-off disk for one with a flipped
+    // byte (a plain file: a rewritten disk cannot carry the kernel's verity for other bytes).
+    // The binding still names base's digest, but the kernel cannot vouch for the file, so it
+    // is read, found wrong and fetched again before evil is refused.
+    let base_hex = base_digest.trim_start_matches("sha256:");
+    let cached = format!("/cache/modules/{base_hex}");
+    let forged = vm.work.path().join("forged-base");
+    let mut bytes = fs::read(vm.registry.blob_path(&base_digest)?)?;
+    bytes[0] ^= 0xff;
+    fs::write(&forged, bytes)?;
+    // The guest powers off without unmounting: replay its journal before editing.
+    fsck(&vm.persist)?;
+    for req in [
+        format!("rm {cached}"),
+        format!("write {} {cached}", forged.display()),
+    ] {
+        let out = powernode_integration_tests::run(
+            std::process::Command::new("debugfs")
+                .args(["-w", "-R", &req])
+                .arg(&vm.persist),
+        )?;
+        ensure!(
+            out.status.success(),
+            "debugfs {req}: {}",
+            powernode_integration_tests::describe(&out)
+        );
+    }
+    fsck(&vm.persist)?;
     let c = vm.boot("tampered", None, None)?;
+    let base_line = boot_lines(&c)
+        .into_iter()
+        .find(|l| l.starts_with("[boot:verify] module base:"))
+        .with_context(|| format!("base was not verified:\n{c}"))?
+        .to_string();
+    ensure!(
+        !base_line.contains("cached image") && base_line.ends_with("kernel fs-verity enforced"),
+        "a swapped cached image was trusted: {base_line}"
+    );
     has(&c, "[boot:verify] FAILED: module evil REFUSED")?;
     has(&c, "[boot:failed] stopping the boot at stage verify")?;
     ensure!(
