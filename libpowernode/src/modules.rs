@@ -128,6 +128,60 @@ pub fn verity_binding(paths: &Paths, hex: &str) -> PathBuf {
     paths.under(oci::VERITY_BINDINGS_DIR).join(hex)
 }
 
+/// What [`prune_store`] removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct Pruned {
+    /// `sha256:<hex>` of each removed image.
+    pub images: Vec<String>,
+    pub bytes: u64,
+}
+
+/// Removes the stored images (files named by their SHA-256 hex) whose digest is not in `keep`
+/// (`sha256:<hex>` each), with their fs-verity bindings, so a node that runs for months does
+/// not keep every image it ever had. Partial downloads and any other name are left alone. An
+/// image still mounted stays usable: its loop device holds the file open. A file that cannot
+/// be removed is logged and skipped; only an unreadable store is an error.
+pub fn prune_store(
+    paths: &Paths,
+    keep: &std::collections::BTreeSet<String>,
+) -> crate::Result<Pruned> {
+    let store = store_dir(paths);
+    let entries = match std::fs::read_dir(&store) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Pruned::default()),
+        Err(e) => return Err(crate::Error::io("read", store, e)),
+    };
+    let mut out = Pruned::default();
+    for entry in entries {
+        let entry = entry.map_err(|e| crate::Error::io("read", &store, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_image = name.len() == 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let digest = format!("sha256:{name}");
+        if !is_image || keep.contains(&digest) {
+            continue;
+        }
+        let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => {
+                remove_binding(&verity_binding(paths, &name));
+                out.images.push(digest);
+                out.bytes += size;
+            }
+            Err(e) => {
+                tracing::warn!(path = %entry.path().display(), error = %e, "cannot prune an unused image");
+            }
+        }
+    }
+    if !out.images.is_empty() {
+        crate::fsutil::fsync_dir(&store)?;
+    }
+    out.images.sort();
+    Ok(out)
+}
+
 fn remove_binding(binding: &Path) {
     match std::fs::remove_file(binding) {
         Ok(()) => {}
@@ -387,6 +441,56 @@ fn pull_err(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prune_keeps_what_is_wanted_and_what_is_not_an_image() {
+        let d = tempfile::tempdir().expect("tmp");
+        let paths = Paths::new(d.path());
+        let store = store_dir(&paths);
+        std::fs::create_dir_all(&store).expect("store");
+        let hex = |c: char| c.to_string().repeat(64);
+        for c in ['a', 'b', 'c'] {
+            std::fs::write(store.join(hex(c)), vec![0u8; 10]).expect("image");
+            let b = verity_binding(&paths, &hex(c));
+            std::fs::create_dir_all(b.parent().expect("parent")).expect("bindings");
+            std::fs::write(&b, "sha256:x").expect("binding");
+        }
+        std::fs::write(store.join(format!(".{}.partial", hex('d'))), b"part").expect("partial");
+        std::fs::write(store.join("README"), b"not an image").expect("other");
+        std::fs::write(store.join("A".repeat(64)), b"upper case").expect("other");
+        let keep = [format!("sha256:{}", hex('b'))].into_iter().collect();
+        let p = prune_store(&paths, &keep).expect("prune");
+        assert_eq!(
+            p.images,
+            vec![
+                format!("sha256:{}", hex('a')),
+                format!("sha256:{}", hex('c'))
+            ]
+        );
+        assert_eq!(p.bytes, 20);
+        let mut left: Vec<String> = std::fs::read_dir(&store)
+            .expect("read")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut want = vec![
+            hex('b'),
+            format!(".{}.partial", hex('d')),
+            "README".to_string(),
+            "A".repeat(64),
+        ];
+        want.sort();
+        assert_eq!(left, want);
+        assert!(verity_binding(&paths, &hex('b')).exists());
+        assert!(!verity_binding(&paths, &hex('a')).exists());
+        // Nothing to do the second time; a missing store is not an error.
+        assert_eq!(
+            prune_store(&paths, &keep).expect("again"),
+            Pruned::default()
+        );
+        std::fs::remove_dir_all(&store).expect("rm");
+        assert_eq!(prune_store(&paths, &keep).expect("none"), Pruned::default());
+    }
 
     #[test]
     fn policies() {

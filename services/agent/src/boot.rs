@@ -567,6 +567,20 @@ async fn fetch_modules(
             }
         }
     }
+    // Everything assigned is here and verified: images no longer assigned can go.
+    let keep = out.iter().map(|(f, _)| f.image_digest.clone()).collect();
+    match modules::prune_store(paths, &keep) {
+        Ok(p) if !p.images.is_empty() => console.say(
+            "fetch",
+            format!(
+                "removed {} image(s) no longer assigned ({} bytes)",
+                p.images.len(),
+                p.bytes
+            ),
+        ),
+        Ok(_) => {}
+        Err(e) => console.say("fetch", format!("could not prune the module store: {e}")),
+    }
     Ok(out)
 }
 

@@ -560,6 +560,30 @@ impl MountService {
         }
     }
 
+    /// After a Sync, which fetched everything assigned: images neither assigned nor under the
+    /// booted root (boot.json) leave the store. A failure is logged; the Sync stands.
+    fn prune(&self, fetched: &[(Assigned, modules::Fetched)]) {
+        let mut keep: std::collections::BTreeSet<String> = fetched
+            .iter()
+            .map(|(_, f)| f.image_digest.clone())
+            .collect();
+        match powernode::sysroot::BootRecord::load(&self.paths) {
+            Ok(Some(r)) => keep.extend(r.module_digests().into_values()),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "boot record unreadable; not pruning the store");
+                return;
+            }
+        }
+        match modules::prune_store(&self.paths, &keep) {
+            Ok(p) if !p.images.is_empty() => {
+                tracing::info!(images = ?p.images, bytes = p.bytes, "removed images no longer assigned");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot prune the module store"),
+        }
+    }
+
     async fn do_attach(&mut self, conn: &zbus::Connection, id: &str) -> Result<String, BusError> {
         self.usable()?;
         let (mut client, list) = self.assigned().await.map_err(BusError::from)?;
@@ -635,10 +659,12 @@ impl MountService {
             desired.insert(a.id.clone(), rec);
         }
         if desired == self.state.modules && (self.state.union_mounted || desired.is_empty()) {
+            self.prune(&fetched);
             return Ok(self.state.generation);
         }
         let before = self.state.modules.clone();
         self.apply(conn, desired).await.map_err(BusError::from)?;
+        self.prune(&fetched);
         for (id, rec) in &self.state.modules {
             if before.get(id).map(|r| &r.digest) != Some(&rec.digest) {
                 powernode::bus::emit_event(

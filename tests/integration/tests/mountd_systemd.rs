@@ -385,6 +385,36 @@ fn modules_are_composed_by_systemd_refreshed_atomically_and_detached() -> Result
     mount_call(&c, "Attach", "base")?;
     ensure!(prop(&c, "Generation")? == "t 7");
 
+    // A new version of top: the Sync that composes it removes the old image from the store
+    // (the old generation's loop device keeps it readable until that generation stops).
+    fs::write(work.path().join("top/top-only"), "top v2")?;
+    let top2 = platform.publish(
+        &registry.addr,
+        "top",
+        "2.0.0",
+        &work.path().join("top"),
+        &[],
+    )?;
+    let old_top_hex = top_hex;
+    let top_hex = hex(&top2)?;
+    ensure!(top_hex != old_top_hex, "a changed tree gives a new image");
+    let g = mount_call(&c, "Sync", "")?;
+    ensure!(g == "t 8", "{g}");
+    ensure!(c.exec_ok(&["cat", "/run/powernode/root/top-only"])? == "top v2");
+    for keep in [&base_hex, &top_hex] {
+        c.exec_ok(&["test", "-f", &format!("/persist/cache/modules/{keep}")])?;
+    }
+    let old = c.exec(&[
+        "test",
+        "-e",
+        &format!("/persist/cache/modules/{old_top_hex}"),
+    ])?;
+    ensure!(
+        !old.status.success(),
+        "the replaced image is still stored: {}",
+        c.exec_ok(&["ls", "/persist/cache/modules"])?
+    );
+
     // polkit: powernode may start/stop/restart units (the agent's tasks need that), but no
     // other verb; any other user may do nothing.
     for (user, method, sig, args) in [
