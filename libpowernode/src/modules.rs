@@ -350,68 +350,62 @@ pub async fn fetch_and_verify(
             .await
             .map_err(|e| other(e.to_string()))?
     };
-    if cached {
+    let (path, kernel_verity) = if cached {
         tracing::info!(module = %module.name, "cached image: the kernel enforces its fs-verity digest; not read again");
-        return Ok(Fetched {
-            kernel_verity: "enforced (cached image, not read again)".to_string(),
-            id: module.id.clone(),
-            name: module.name.clone(),
-            image_digest: layer.digest.clone(),
-            manifest_digest,
-            fsverity_digest: want_fsverity,
-            size_bytes: u64::try_from(layer.size).unwrap_or(0),
-            path: store.join(&hex),
-            signer: verified.identity,
-            manifest: module_manifest,
-        });
-    }
-    // A full check follows: an old binding must not outlive a refusal.
-    remove_binding(&binding);
-    let oci::Stored {
-        path,
-        fsverity: fsv,
-    } = oci::pull_blob_to_store(&oc, &reference, &layer, &store)
-        .await
-        .map_err(|e| pull_err(e, &refuse, &other))?;
-    if fsv != want_fsverity {
-        // The bytes hash right but the annotation lies: do not keep it under its address.
-        if let Err(e) = std::fs::remove_file(&path) {
-            tracing::warn!(path = %path.display(), error = %e, "cannot remove a refused image");
-        }
-        return Err(refuse(format!(
-            "fs-verity digest of the image is {fsv}, the artifact says {want_fsverity}"
-        )));
-    }
-    // Where the filesystem can, hand the check to the kernel: from here on every read of the
-    // image is verified against the digest we just checked.
-    let p = path.clone();
-    let want = want_fsverity.clone();
-    let kernel =
-        tokio::task::spawn_blocking(move || crate::fsverity::enable_and_measure(&p, &want))
+        (
+            store.join(&hex),
+            "enforced (cached image, not read again)".to_string(),
+        )
+    } else {
+        // A full check follows: an old binding must not outlive a refusal.
+        remove_binding(&binding);
+        let oci::Stored {
+            path,
+            fsverity: fsv,
+        } = oci::pull_blob_to_store(&oc, &reference, &layer, &store)
             .await
-            .map_err(|e| other(e.to_string()))?;
-    let kernel_verity = match kernel {
-        Ok(crate::fsverity::KernelVerity::Enforced) => {
-            tracing::info!(module = %module.name, "fs-verity enabled; the kernel measurement matches");
-            // What the next fetch of this image may rely on instead of reading it again.
-            if let Some(dir) = binding.parent()
-                && let Err(e) = crate::fsutil::ensure_dir(dir, 0o755)
-                    .and_then(|()| crate::fsutil::atomic_write(&binding, fsv.as_bytes(), 0o644))
-            {
-                tracing::warn!(error = %e, "fs-verity binding not recorded; the next fetch reads the image again");
+            .map_err(|e| pull_err(e, &refuse, &other))?;
+        if fsv != want_fsverity {
+            // The bytes hash right but the annotation lies: do not keep it under its address.
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove a refused image");
             }
-            "enforced".to_string()
+            return Err(refuse(format!(
+                "fs-verity digest of the image is {fsv}, the artifact says {want_fsverity}"
+            )));
         }
-        Ok(crate::fsverity::KernelVerity::Unsupported(why)) => {
-            tracing::debug!(module = %module.name, why, "filesystem without fs-verity");
-            format!("unsupported ({why})")
-        }
-        Err(e) => {
-            if let Err(rm) = std::fs::remove_file(&path) {
-                tracing::warn!(path = %path.display(), error = %rm, "cannot remove a refused image");
+        // Where the filesystem can, hand the check to the kernel: from here on every read of
+        // the image is verified against the digest we just checked.
+        let p = path.clone();
+        let want = want_fsverity.clone();
+        let kernel =
+            tokio::task::spawn_blocking(move || crate::fsverity::enable_and_measure(&p, &want))
+                .await
+                .map_err(|e| other(e.to_string()))?;
+        let kernel_verity = match kernel {
+            Ok(crate::fsverity::KernelVerity::Enforced) => {
+                tracing::info!(module = %module.name, "fs-verity enabled; the kernel measurement matches");
+                // What the next fetch of this image may rely on instead of reading it again.
+                if let Some(dir) = binding.parent()
+                    && let Err(e) = crate::fsutil::ensure_dir(dir, 0o755)
+                        .and_then(|()| crate::fsutil::atomic_write(&binding, fsv.as_bytes(), 0o644))
+                {
+                    tracing::warn!(error = %e, "fs-verity binding not recorded; the next fetch reads the image again");
+                }
+                "enforced".to_string()
             }
-            return Err(refuse(format!("kernel fs-verity: {e}")));
-        }
+            Ok(crate::fsverity::KernelVerity::Unsupported(why)) => {
+                tracing::debug!(module = %module.name, why, "filesystem without fs-verity");
+                format!("unsupported ({why})")
+            }
+            Err(e) => {
+                if let Err(rm) = std::fs::remove_file(&path) {
+                    tracing::warn!(path = %path.display(), error = %rm, "cannot remove a refused image");
+                }
+                return Err(refuse(format!("kernel fs-verity: {e}")));
+            }
+        };
+        (path, kernel_verity)
     };
     Ok(Fetched {
         kernel_verity,
@@ -419,7 +413,8 @@ pub async fn fetch_and_verify(
         name: module.name.clone(),
         image_digest: layer.digest.clone(),
         manifest_digest,
-        fsverity_digest: fsv,
+        // Either the kernel's measurement or the full read matched it.
+        fsverity_digest: want_fsverity,
         size_bytes: u64::try_from(layer.size).unwrap_or(0),
         path,
         signer: verified.identity,

@@ -217,6 +217,19 @@ impl DevPlatform {
         Ok(serde_json::from_str(&self.cli(&args)?)?)
     }
 
+    /// Pin the platform's Sigstore trusted root in the node tree `root`
+    /// (`etc/powernode/trust/trusted_root.json`), as provisioning does in production. It
+    /// exists once something was published.
+    pub fn pin_trusted_root(&self, root: &Path) -> Result<()> {
+        let trust = root.join("etc/powernode/trust");
+        std::fs::create_dir_all(&trust)?;
+        std::fs::copy(
+            self.state.join("sigstore/trusted_root.json"),
+            trust.join("trusted_root.json"),
+        )?;
+        Ok(())
+    }
+
     /// `module assign` (+ `extra`, e.g. `--persistent`); the assignment order is the priority.
     pub fn assign(&self, instance: &str, module: &str, extra: &[&str]) -> Result<()> {
         let mut args = vec![

@@ -256,12 +256,7 @@ impl Vm {
 
         // Per-run additions: the platform's Sigstore trusted root and the registry relay.
         let extra = w.join("initrd-extra");
-        let trust = extra.join("etc/powernode/trust");
-        fs::create_dir_all(&trust)?;
-        fs::copy(
-            vm.platform.state.join("sigstore/trusted_root.json"),
-            trust.join("trusted_root.json"),
-        )?;
+        vm.platform.pin_trusted_root(&extra)?;
         let reg_port = port_of(&vm.registry.addr)?;
         let out = run(Command::new("bash")
             .arg(workspace_root().join("tests/vm/registry-relay.sh"))

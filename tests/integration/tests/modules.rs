@@ -78,13 +78,7 @@ impl Node {
 
     /// Pin the platform's trusted root on the node (provisioning does this in production).
     fn pin_trusted_root(&self) -> Result<()> {
-        fs::copy(
-            self.platform.state.join("sigstore/trusted_root.json"),
-            self.root
-                .path()
-                .join("etc/powernode/trust/trusted_root.json"),
-        )?;
-        Ok(())
+        self.platform.pin_trusted_root(self.root.path())
     }
 
     fn update(&self) -> Result<(Output, Value)> {

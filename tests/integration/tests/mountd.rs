@@ -87,13 +87,7 @@ impl Node {
             .platform
             .publish(&self.registry.addr, name, "1.0.0", &rootfs, &[])?;
         self.platform.assign(&self.instance, name, &[])?;
-        // The platform's Sigstore setup exists once something was published; pin its root.
-        fs::copy(
-            self.platform.state.join("sigstore/trusted_root.json"),
-            self.root
-                .path()
-                .join("etc/powernode/trust/trusted_root.json"),
-        )?;
+        self.platform.pin_trusted_root(self.root.path())?;
         Ok(m)
     }
 

@@ -145,11 +145,7 @@ fn modules_are_composed_by_systemd_refreshed_atomically_and_detached() -> Result
         &node_root.path().join("persist/var/lib/powernode"),
         &tree.path().join("persist/var/lib/powernode"),
     )?;
-    fs::create_dir_all(tree.path().join("etc/powernode/trust"))?;
-    fs::copy(
-        platform.state.join("sigstore/trusted_root.json"),
-        tree.path().join("etc/powernode/trust/trusted_root.json"),
-    )?;
+    platform.pin_trusted_root(tree.path())?;
 
     let image = Image::bookworm()?;
     let started = Instant::now();

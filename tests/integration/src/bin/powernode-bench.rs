@@ -820,12 +820,7 @@ fn modules() -> Result<()> {
     let (root, instance) = platform.enrolled_node("pn-bench-pull-")?;
     let m = platform.publish(&registry.addr, "bench", "1.0.0", &rootfs, &[])?;
     platform.assign(&instance, "bench", &[])?;
-    let trust = root.path().join("etc/powernode/trust");
-    fs::create_dir_all(&trust)?;
-    fs::copy(
-        platform.state.join("sigstore/trusted_root.json"),
-        trust.join("trusted_root.json"),
-    )?;
+    platform.pin_trusted_root(root.path())?;
     let size_mib = m["artifact"]["size_bytes"].as_f64().context("size_bytes")? / f64::from(1 << 20);
     let start = Instant::now();
     let out = run(Command::new(bin("powernode-agent")?)
@@ -1041,12 +1036,7 @@ fn boot() -> Result<()> {
     // store (download) and again (cached: both digests re-checked in one read).
     let (root, instance) = vm.platform.enrolled_node("pn-bench-bootcpu-")?;
     vm.platform.assign(&instance, "system-base", &[])?;
-    let trust = root.path().join("etc/powernode/trust");
-    fs::create_dir_all(&trust)?;
-    fs::copy(
-        vm.platform.state.join("sigstore/trusted_root.json"),
-        trust.join("trusted_root.json"),
-    )?;
+    vm.platform.pin_trusted_root(root.path())?;
     for label in ["download", "cached"] {
         let before = children_cpu_ms();
         let out = run(Command::new(bin("powernode-agent")?)
@@ -1065,12 +1055,7 @@ fn boot() -> Result<()> {
     Ok(())
 }
 
-/// CPU time (user + system) of the waited-for children so far, in ms.
+/// CPU time of the waited-for children so far, in ms.
 fn children_cpu_ms() -> f64 {
-    use nix::sys::resource::{UsageWho, getrusage};
-    getrusage(UsageWho::RUSAGE_CHILDREN).map_or(f64::NAN, |u| {
-        let t =
-            |v: nix::sys::time::TimeVal| v.tv_sec() as f64 * 1000.0 + v.tv_usec() as f64 / 1000.0;
-        t(u.user_time()) + t(u.system_time())
-    })
+    powernode::sysroot::CpuTime::now().map_or(f64::NAN, |c| c.children_ms as f64)
 }
