@@ -16,6 +16,9 @@ use crate::{Error, Result};
 
 const CONFIG_FILE: &str = "agent.toml";
 const DROPIN_DIR: &str = "agent.toml.d";
+/// The task unit's TimeoutStartSec= (3660 s) is the backstop for a task the agent no longer
+/// watches; a longer allowed timeout would be cut short by it.
+pub const MAX_TASK_TIMEOUT_SECS: u64 = 3600;
 /// Config files are small; anything bigger is a mistake, not configuration.
 const MAX_CONFIG_BYTES: u64 = 256 * 1024;
 
@@ -210,6 +213,12 @@ impl Config {
         if self.tasks.max_concurrent == 0 {
             return Err(Error::Config("tasks.max_concurrent must be > 0".into()));
         }
+        if self.tasks.max_command_timeout_secs > MAX_TASK_TIMEOUT_SECS {
+            return Err(Error::Config(format!(
+                "tasks.max_command_timeout_secs must be ≤ {MAX_TASK_TIMEOUT_SECS} (the task unit's \
+                 TimeoutStartSec= backstop)"
+            )));
+        }
         if self.tasks.command_timeout_secs == 0
             || self.tasks.command_timeout_secs > self.tasks.max_command_timeout_secs
         {
@@ -237,11 +246,37 @@ fn read_table(file: &Path) -> Result<Option<toml::Table>> {
     let Some(bytes) = crate::fsutil::read_optional(file, MAX_CONFIG_BYTES)? else {
         return Ok(None);
     };
+    check_owner(file)?;
     let text = String::from_utf8(bytes)
         .map_err(|_| Error::Config(format!("{}: not UTF-8", file.display())))?;
     text.parse::<toml::Table>()
         .map(Some)
         .map_err(|e| Error::Config(format!("{}: {e}", file.display())))
+}
+
+/// Configuration decides what the daemons trust, so it must be root's (or, for a tool run by
+/// another user on its own tree, that user's): a file another uid owns, or that its group or
+/// everyone may write, is refused rather than read. `/run/powernode` is writable by the daemons'
+/// group, so without this any of them could configure the others.
+fn check_owner(file: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(file).map_err(|e| Error::io("stat", file, e))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(Error::Config(format!(
+            "{}: refused: owned by uid {}, not root",
+            file.display(),
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(Error::Config(format!(
+            "{}: refused: writable by group or others (mode {:o})",
+            file.display(),
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
 }
 
 /// Drop-in files in application order: by name, a later directory masking an earlier one.
@@ -357,5 +392,39 @@ mod tests {
         write(&d.path().join("etc/powernode/agent.toml"), "[x");
         let err = Config::load(&Paths::new(d.path())).unwrap_err().to_string();
         assert!(err.contains("etc/powernode/agent.toml"), "{err}");
+    }
+
+    #[test]
+    fn config_another_uid_or_group_could_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let d = tempfile::tempdir().unwrap();
+        let run = d.path().join("run/powernode/agent.toml");
+        write(&run, "[tasks]\ndrain_secs = 5\n");
+        fs::set_permissions(&run, fs::Permissions::from_mode(0o664)).unwrap();
+        let err = Config::load(&Paths::new(d.path())).unwrap_err().to_string();
+        assert!(err.contains("writable by group or others"), "{err}");
+
+        fs::set_permissions(&run, fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(
+            Config::load(&Paths::new(d.path()))
+                .unwrap()
+                .tasks
+                .drain_secs,
+            5
+        );
+        // The suite's tests run as root; a daemon's uid owning the file is refused.
+        if nix::unistd::geteuid().is_root() {
+            nix::unistd::chown(&run, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+            let err = Config::load(&Paths::new(d.path())).unwrap_err().to_string();
+            assert!(err.contains("owned by uid 65534"), "{err}");
+        }
+    }
+
+    #[test]
+    fn task_timeouts_stay_under_the_units_backstop() {
+        let err = Config::from_toml_str("[tasks]\nmax_command_timeout_secs = 7200\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("≤ 3600"), "{err}");
     }
 }

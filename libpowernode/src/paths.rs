@@ -66,8 +66,13 @@ impl Paths {
         self.under("/run/powernode")
     }
 
+    /// identityd's own runtime directory (its uid owns it; enrolld reads through the group).
+    pub fn identity_run_dir(&self) -> PathBuf {
+        self.under("/run/powernode/identity")
+    }
+
     pub fn identity_json(&self) -> PathBuf {
-        self.under("/run/powernode/identity.json")
+        self.identity_run_dir().join("identity.json")
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -128,7 +133,7 @@ mod tests {
         }
         assert_eq!(
             Paths::default().identity_json(),
-            PathBuf::from("/run/powernode/identity.json")
+            PathBuf::from("/run/powernode/identity/identity.json")
         );
     }
 }

@@ -224,6 +224,24 @@ const CURRENT: &str = "current";
 const KEEP_PREVIOUS: usize = 1;
 const SET_FILES: [&str; 6] = [NODE_KEY, NODE_CRT, CA_CHAIN, CA_BUNDLE, META, TOKEN];
 
+/// The node key, the JWT and a pending key: the owner (enrolld or certd) and group `powernode`
+/// (the platform-facing daemons, which all speak mTLS with the key) may read them; nobody else.
+const SECRET_MODE: u32 = 0o640;
+
+/// A PKI directory: enrolld and certd (two uids, both in group powernode) both add generations,
+/// so the group may write. Below the setgid PKI directory tmpfiles creates, new entries inherit
+/// group powernode. The mode is set when this call creates the directory (the umask would
+/// otherwise take the group's bits) and left alone otherwise: only the owner may change it.
+fn ensure_shared_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    ensure_dir(dir, 0o770)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o770))
+        .map_err(|e| Error::io("chmod", dir, e))
+}
+
 impl PkiStore {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         PkiStore { dir: dir.into() }
@@ -239,8 +257,8 @@ impl PkiStore {
 
     /// Persist the key for a request in flight (enrollment or rotation) before it is sent.
     pub fn write_pending_key(&self, key_pem: &str) -> Result<()> {
-        ensure_dir(&self.dir, 0o700)?;
-        atomic_write(&self.path(PENDING_KEY), key_pem.as_bytes(), 0o600)
+        ensure_shared_dir(&self.dir)?;
+        atomic_write(&self.path(PENDING_KEY), key_pem.as_bytes(), SECRET_MODE)
     }
 
     pub fn pending_key(&self) -> Result<Option<String>> {
@@ -302,9 +320,9 @@ impl PkiStore {
         };
         let meta_json =
             serde_json::to_vec_pretty(&meta).map_err(|e| Error::malformed("meta.json", e))?;
-        ensure_dir(&self.dir, 0o700)?;
+        ensure_shared_dir(&self.dir)?;
         let gens = self.path(GEN_DIR);
-        ensure_dir(&gens, 0o700)?;
+        ensure_shared_dir(&gens)?;
         let name = if info.serial.is_empty() {
             format!("x{:016x}", fastrand::u64(..))
         } else {
@@ -315,13 +333,13 @@ impl PkiStore {
             std::process::id(),
             fastrand::u32(..)
         ));
-        ensure_dir(&staging, 0o700)?;
+        ensure_shared_dir(&staging)?;
         atomic_write(&staging.join(CA_BUNDLE), ca_bundle_pem.as_bytes(), 0o644)?;
         atomic_write(&staging.join(CA_CHAIN), resp.ca_chain_pem.as_bytes(), 0o644)?;
-        atomic_write(&staging.join(NODE_KEY), key_pem.as_bytes(), 0o600)?;
+        atomic_write(&staging.join(NODE_KEY), key_pem.as_bytes(), SECRET_MODE)?;
         atomic_write(&staging.join(NODE_CRT), resp.cert_pem.as_bytes(), 0o644)?;
         if let Some(t) = &resp.instance_token {
-            atomic_write(&staging.join(TOKEN), t.as_bytes(), 0o600)?;
+            atomic_write(&staging.join(TOKEN), t.as_bytes(), SECRET_MODE)?;
         }
         atomic_write(&staging.join(META), &meta_json, 0o644)?;
         let target = gens.join(&name);
@@ -555,9 +573,9 @@ mod tests {
                 .mode()
                 & 0o777
         };
-        assert_eq!(mode(""), 0o700);
-        assert_eq!(mode(NODE_KEY), 0o600);
-        assert_eq!(mode(TOKEN), 0o600);
+        assert_eq!(mode(""), 0o770);
+        assert_eq!(mode(NODE_KEY), 0o640);
+        assert_eq!(mode(TOKEN), 0o640);
         assert_eq!(mode(NODE_CRT), 0o644);
         assert_eq!(mode(META), 0o644);
         // The contract's names resolve to the current generation.

@@ -136,7 +136,8 @@ impl FsRules {
                 read.push(paths.under("/boot"));
                 read.push(paths.under("/etc"));
                 read.push(paths.state_dir());
-                write.push(paths.run_dir());
+                read.push(paths.run_dir());
+                write.push(paths.identity_run_dir());
             }
             Profile::Enroll | Profile::Cert => {
                 read.push(paths.run_dir());
@@ -145,6 +146,7 @@ impl FsRules {
             Profile::Agent => {
                 read.push(paths.run_dir());
                 write.push(paths.state_dir());
+                write.push(paths.under(crate::systemd1::TASKS_RUN_DIR));
             }
             // Reads the PKI (under the state dir) for uploads; writes only its queue.
             Profile::Events => {
@@ -284,6 +286,7 @@ mod tests {
         let p = Paths::new(d.path());
         for dir in [
             p.run_dir(),
+            p.identity_run_dir(),
             p.pki_dir(),
             p.under("/secret"),
             p.under(crate::oci::STORE_DIR),
@@ -313,14 +316,22 @@ mod tests {
         let (_d, p) = node();
         let pki = p.pki_dir();
         let run = p.run_dir();
-        let (write_pki, write_run, mnt, ptrace) = in_sandbox(Profile::Identity, p, move || {
-            (
-                fs::write(pki.join("node.key"), "x").map_err(|e| e.kind()),
-                fs::write(run.join("identity.json"), "{}").map_err(|e| e.kind()),
-                mount_probe(),
-                errno_of(nix::sys::ptrace::attach(nix::unistd::Pid::from_raw(1))),
-            )
-        });
+        let id_json = p.identity_json();
+        let (write_pki, write_run, write_shared, mnt, ptrace) =
+            in_sandbox(Profile::Identity, p, move || {
+                (
+                    fs::write(pki.join("node.key"), "x").map_err(|e| e.kind()),
+                    fs::write(&id_json, "{}").map_err(|e| e.kind()),
+                    fs::write(run.join("agent.toml"), "").map_err(|e| e.kind()),
+                    mount_probe(),
+                    errno_of(nix::sys::ptrace::attach(nix::unistd::Pid::from_raw(1))),
+                )
+            });
+        assert_eq!(
+            write_shared,
+            Err(ErrorKind::PermissionDenied),
+            "identityd writes only its own runtime directory"
+        );
         assert_eq!(
             write_pki,
             Err(ErrorKind::PermissionDenied),
@@ -340,7 +351,7 @@ mod tests {
         let (w_pki, w_run, r_secret, unshare) = in_sandbox(Profile::Enroll, p, move || {
             (
                 fs::write(pki.join("node.key"), "x").map_err(|e| e.kind()),
-                fs::write(run.join("identity.json"), "{}").map_err(|e| e.kind()),
+                fs::write(run.join("identity/identity.json"), "{}").map_err(|e| e.kind()),
                 fs::read(&secret).map_err(|e| e.kind()),
                 errno_of(nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUTS)),
             )

@@ -1,22 +1,26 @@
 //! systemd's manager API (`org.freedesktop.systemd1`) over the system bus, and the task
 //! [`Executor`] built on it. The agent runs unprivileged, so every effect goes through systemd
 //! (authorised by the polkit rule the units ship), never through a child process of its own:
-//! unit start/stop/restart are jobs we wait for; a shell command is a transient `oneshot` unit
-//! with its own sandbox and start timeout, whose stdout and stderr come back to us through a
-//! pipe passed over D-Bus, capped; reboot is `reboot.target`.
+//! unit start/stop/restart are jobs we wait for; a shell command is an instance of the installed
+//! template `powernode-task@.service` (a dynamic user without capabilities: the unit file, not
+//! the agent, fixes how a task runs, so the agent needs no StartTransientUnit grant); its command
+//! goes in through a file systemd reads as a credential and its output comes back in a file the
+//! agent created, never through the journal; reboot is `reboot.target`.
 
-use std::os::fd::OwnedFd;
+use std::fs;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use serde_json::json;
-use tokio::io::AsyncReadExt as _;
 use zbus::proxy;
-use zbus::wire::{Fd, OwnedObjectPath, Variant};
+use zbus::wire::OwnedObjectPath;
 
 use crate::systemd::SystemdManagerProxy as ManagerProxy;
 
-use crate::tasks::{Executor, Outcome, UnitVerb};
+use crate::fsutil;
+use crate::tasks::{Executor, OUTPUT_MARKER, Outcome, UnitVerb};
 
 #[proxy(
     interface = "org.freedesktop.systemd1.Service",
@@ -29,15 +33,22 @@ pub trait Service {
     fn result(&self) -> zbus::Result<String>;
 }
 
-/// Prefix of the transient units that run shell tasks.
-pub const TASK_UNIT_PREFIX: &str = "powernode-task-";
+/// The installed template that runs shell tasks; the instance is the task id.
+pub const TASK_UNIT_TEMPLATE: &str = "powernode-task@";
+/// Where the agent hands a task its command (`<id>.sh`) and gets its output back (`<id>.out`),
+/// both named in the template; under the runtime directory.
+pub const TASKS_RUN_DIR: &str = "/run/powernode/tasks";
 /// How long a unit job may take before we stop waiting (systemd's own job timeouts are longer
 /// only for units that ask for it; start/stop of a normal service is seconds).
 const JOB_WAIT: Duration = Duration::from_secs(300);
-/// After the command's job ends, wait this long for the pipe to drain.
-const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
+/// After a task's own timeout: how long its stop (SIGTERM, then SIGKILL of the cgroup after the
+/// unit's 90 s stop timeout) may take.
+const STOP_WAIT: Duration = Duration::from_secs(120);
+/// The output file is written by the task's own uid under LimitFSIZE=; anything beyond this is
+/// not read back even if the limit was raised.
+const OUTPUT_READ_LIMIT: u64 = 64 * 1024 * 1024;
 
-/// The transient unit a task's shell command runs in.
+/// The template instance a task's shell command runs in.
 pub fn task_unit(task_id: &str) -> Result<String, String> {
     let clean: String = task_id
         .chars()
@@ -49,7 +60,56 @@ pub fn task_unit(task_id: &str) -> Result<String, String> {
             "task id {task_id:?} cannot name a unit (only [A-Za-z0-9_-], ≤ 64)"
         ));
     }
-    Ok(format!("{TASK_UNIT_PREFIX}{clean}.service"))
+    Ok(format!("{TASK_UNIT_TEMPLATE}{clean}.service"))
+}
+
+/// A task's command and output files under [`TASKS_RUN_DIR`], both the agent's own (0600).
+struct TaskFiles {
+    command: PathBuf,
+    output: PathBuf,
+}
+
+impl TaskFiles {
+    fn create(dir: &Path, task_id: &str, command: &str) -> Result<TaskFiles, String> {
+        // task_unit() validated the id: it is a plain file name.
+        task_unit(task_id)?;
+        fsutil::ensure_dir(dir, 0o700).map_err(|e| format!("task directory: {e}"))?;
+        let files = TaskFiles {
+            command: dir.join(format!("{task_id}.sh")),
+            output: dir.join(format!("{task_id}.out")),
+        };
+        fsutil::atomic_write(&files.command, command.as_bytes(), 0o600)
+            .map_err(|e| format!("task command file: {e}"))?;
+        // Created (empty) before the start so systemd opens our file rather than making one.
+        fsutil::atomic_write(&files.output, b"", 0o600)
+            .map_err(|e| format!("task output file: {e}"))?;
+        Ok(files)
+    }
+
+    /// The first `cap` bytes of the output and its total size.
+    fn read_output(&self, cap: usize) -> Result<(Vec<u8>, u64), String> {
+        let f = fs::File::open(&self.output).map_err(|e| format!("task output: {e}"))?;
+        let total = f
+            .metadata()
+            .map_err(|e| format!("task output: {e}"))?
+            .len()
+            .min(OUTPUT_READ_LIMIT);
+        let mut kept = Vec::new();
+        f.take(cap as u64)
+            .read_to_end(&mut kept)
+            .map_err(|e| format!("task output: {e}"))?;
+        Ok((kept, total))
+    }
+
+    fn remove(&self) {
+        for p in [&self.command, &self.output] {
+            if let Err(e) = fs::remove_file(p)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %p.display(), error = %e, "cannot remove a task file");
+            }
+        }
+    }
 }
 
 /// Limits for shell tasks.
@@ -64,6 +124,7 @@ pub struct ShellLimits {
 pub struct SystemdExecutor {
     conn: zbus::Connection,
     limits: ShellLimits,
+    tasks_dir: PathBuf,
 }
 
 fn bus_err(what: &str, e: zbus::Error) -> String {
@@ -74,8 +135,12 @@ fn bus_err(what: &str, e: zbus::Error) -> String {
 }
 
 impl SystemdExecutor {
-    pub fn new(conn: zbus::Connection, limits: ShellLimits) -> SystemdExecutor {
-        SystemdExecutor { conn, limits }
+    pub fn new(conn: zbus::Connection, limits: ShellLimits, tasks_dir: PathBuf) -> SystemdExecutor {
+        SystemdExecutor {
+            conn,
+            limits,
+            tasks_dir,
+        }
     }
 
     async fn manager(&self) -> Result<ManagerProxy<'static>, String> {
@@ -102,13 +167,29 @@ impl SystemdExecutor {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<OwnedObjectPath, String>>,
     {
+        self.job_within(m, JOB_WAIT, start)
+            .await?
+            .ok_or_else(|| format!("job still running after {JOB_WAIT:?}"))
+    }
+
+    /// As [`Self::job`], but `None` when the job is still running after `wait`.
+    async fn job_within<F, Fut>(
+        &self,
+        m: &ManagerProxy<'static>,
+        wait: Duration,
+        start: F,
+    ) -> Result<Option<String>, String>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<OwnedObjectPath, String>>,
+    {
         // Listen before starting the job, or a fast job ends before we look.
         let mut removed = m
             .receive_job_removed()
             .await
             .map_err(|e| bus_err("JobRemoved", e))?;
         let job = start().await?;
-        let wait = async {
+        let ended = async {
             while let Some(sig) = removed.next().await {
                 let Ok(args) = sig.args() else { continue };
                 if args.job.as_str() == job.as_str() {
@@ -117,9 +198,10 @@ impl SystemdExecutor {
             }
             Err("systemd closed the signal stream".to_string())
         };
-        tokio::time::timeout(JOB_WAIT, wait)
-            .await
-            .map_err(|_| format!("job {} still running after {JOB_WAIT:?}", job.as_str()))?
+        match tokio::time::timeout(wait, ended).await {
+            Ok(r) => r.map(Some),
+            Err(_) => Ok(None),
+        }
     }
 
     async fn service_result(&self, m: &ManagerProxy<'static>, unit: &str) -> (Option<i32>, String) {
@@ -135,28 +217,6 @@ impl SystemdExecutor {
             Err(_) => (None, "unknown".into()),
         }
     }
-}
-
-/// Read everything from `rx`, keeping the first `cap` bytes.
-async fn drain(mut rx: tokio::net::unix::pipe::Receiver, cap: usize) -> (Vec<u8>, u64) {
-    let mut kept = Vec::new();
-    let mut total = 0u64;
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        match rx.read(&mut buf).await {
-            Ok(0) => break,
-            Ok(n) => {
-                total += n as u64;
-                let room = cap.saturating_sub(kept.len());
-                kept.extend_from_slice(&buf[..n.min(room)]);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "reading task output");
-                break;
-            }
-        }
-    }
-    (kept, total)
 }
 
 impl Executor for SystemdExecutor {
@@ -224,67 +284,54 @@ impl Executor for SystemdExecutor {
             .map(Duration::from_secs)
             .unwrap_or(self.limits.default_timeout)
             .min(self.limits.max_timeout);
-        let (tx, rx) = tokio::net::unix::pipe::pipe().map_err(|e| format!("pipe: {e}"))?;
-        let tx: OwnedFd = tx.into_blocking_fd().map_err(|e| format!("pipe: {e}"))?;
-        let tx2 = tx.try_clone().map_err(|e| format!("pipe: {e}"))?;
-        let reader = tokio::spawn(drain(rx, self.limits.output_cap));
+        let files = TaskFiles::create(&self.tasks_dir, task_id, command)?;
         let m = self.manager().await?;
-        let micros = u64::try_from(timeout.as_micros()).unwrap_or(u64::MAX);
-        let exec_start = vec![(
-            "/bin/sh".to_string(),
-            vec!["/bin/sh".to_string(), "-c".to_string(), command.to_string()],
-            false,
-        )];
-        let env = vec![format!("POWERNODE_TASK_ID={task_id}")];
-        let description = format!("powernode task {task_id}");
-        let props: Vec<(&str, Variant<'_>)> = vec![
-            ("Description", Variant::from(description.as_str())),
-            ("Type", Variant::from("oneshot")),
-            ("ExecStart", Variant::from(exec_start)),
-            ("Environment", Variant::from(env)),
-            ("StandardInput", Variant::from("null")),
-            ("StandardOutputFileDescriptor", Variant::from(Fd::from(tx))),
-            ("StandardErrorFileDescriptor", Variant::from(Fd::from(tx2))),
-            ("TimeoutStartUSec", Variant::from(micros)),
-            // The command is the platform's to choose; the unit still keeps it away from the
-            // kernel's knobs and from gaining privileges it was not started with.
-            ("NoNewPrivileges", Variant::from(true)),
-            ("PrivateTmp", Variant::from(true)),
-            ("ProtectKernelModules", Variant::from(true)),
-            ("ProtectClock", Variant::from(true)),
-            ("ProtectHostname", Variant::from(true)),
-            ("RestrictSUIDSGID", Variant::from(true)),
-            ("LockPersonality", Variant::from(true)),
-        ];
-        let unit_ref = unit.as_str();
-        let mref = &m;
-        let result = self
-            .job(&m, move || async move {
-                let r = mref
-                    .start_transient_unit(unit_ref, "fail", &props, &[])
-                    .await;
-                // systemd holds its own copies now; closing ours lets EOF arrive when the
-                // command (and anything it left behind in the unit) is gone.
-                drop(props);
-                r.map_err(|e| bus_err(&format!("starting {unit_ref}"), e))
+        // The job of a oneshot ends when the command does: wait as long as the task may run.
+        let started = self
+            .job_within(&m, timeout, || async {
+                m.start_unit(&unit, "replace")
+                    .await
+                    .map_err(|e| bus_err(&format!("starting {unit}"), e))
             })
             .await;
-        let (status, unit_result) = match &result {
-            Ok(r) if r == "done" => (Some(0), "success".to_string()),
-            Ok(_) => self.service_result(&m, &unit).await,
-            Err(_) => (None, "unknown".into()),
+        let (job, timed_out) = match started {
+            Ok(Some(r)) => (r, false),
+            Ok(None) => {
+                // Over time: stop it (systemd kills the whole cgroup) and wait for that too.
+                let stopped = self
+                    .job_within(&m, STOP_WAIT, || async {
+                        m.stop_unit(&unit, "replace")
+                            .await
+                            .map_err(|e| bus_err(&format!("stopping {unit}"), e))
+                    })
+                    .await;
+                match stopped {
+                    Ok(Some(_)) => {}
+                    Ok(None) => tracing::warn!(unit = %unit, "a timed-out task is still stopping"),
+                    Err(e) => tracing::warn!(unit = %unit, error = %e, "stopping a timed-out task"),
+                }
+                ("timeout".to_string(), true)
+            }
+            Err(e) => {
+                files.remove();
+                return Err(e);
+            }
         };
-        if result.as_ref().is_ok_and(|r| r != "done")
+        let (status, unit_result) = if job == "done" {
+            (Some(0), "success".to_string())
+        } else if timed_out {
+            (None, "timeout".to_string())
+        } else {
+            self.service_result(&m, &unit).await
+        };
+        if job != "done"
             && let Err(e) = m.reset_failed_unit(&unit).await
         {
             tracing::debug!(unit = %unit, error = %e, "reset-failed");
         }
-        let (out, total) = match tokio::time::timeout(OUTPUT_DRAIN, reader).await {
-            Ok(Ok(o)) => o,
-            Ok(Err(e)) => return Err(format!("output reader: {e}")),
-            Err(_) => (b"<output still open after the command ended>".to_vec(), 0),
-        };
-        let job = result?;
+        let read = files.read_output(self.limits.output_cap);
+        files.remove();
+        let (out, total) = read?;
         let output = String::from_utf8_lossy(&out).into_owned();
         let truncated = total > out.len() as u64;
         if job != "done" {
@@ -302,7 +349,7 @@ impl Executor for SystemdExecutor {
                 .into_iter()
                 .rev()
                 .collect();
-            return Err(format!("command {why}; output: {tail}"));
+            return Err(format!("command {why}{OUTPUT_MARKER}{tail}"));
         }
         Ok(Outcome {
             result: json!({
@@ -340,7 +387,7 @@ mod tests {
     fn task_units() {
         assert_eq!(
             task_unit("0b6a4c1e-8a3e-4f43").as_deref(),
-            Ok("powernode-task-0b6a4c1e-8a3e-4f43.service")
+            Ok("powernode-task@0b6a4c1e-8a3e-4f43.service")
         );
         assert!(task_unit("a/b").is_err());
         assert!(task_unit("").is_err());

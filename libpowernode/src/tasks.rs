@@ -197,6 +197,7 @@ impl Command {
                         ))
                     })?),
                 };
+                check_privilege_model(opts)?;
                 Ok(Command::Shell {
                     name: name.to_owned(),
                     command: command.to_owned(),
@@ -218,6 +219,30 @@ impl Command {
             Command::Sync { .. } | Command::Noop { .. } => true,
             Command::Reboot | Command::Shell { .. } => false,
         }
+    }
+}
+
+/// The privilege models a shell task may ask for (`options.privilege_model`, the upstream
+/// names). Only `drop_to_nobody` runs here: the task unit (`powernode-task@.service`) is a
+/// dynamic user with no capabilities, fixed by the installed unit file, not by the agent.
+/// `as_user` and `privileged` would need a root-side gate checking a root-owned allow-list;
+/// until one ships they are refused, which is also what an empty allow-list would do.
+pub const PRIVILEGE_MODELS: [&str; 3] = ["drop_to_nobody", "as_user", "privileged"];
+
+fn check_privilege_model(opts: &Map<String, Value>) -> Result<(), TaskError> {
+    match opts.get("privilege_model") {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(m)) if m == "drop_to_nobody" => Ok(()),
+        Some(Value::String(m)) if PRIVILEGE_MODELS.contains(&m.as_str()) => {
+            Err(TaskError::InvalidOptions(format!(
+                "privilege_model {m} is refused by this node: shell tasks run as an unprivileged \
+                 dynamic user (drop_to_nobody)"
+            )))
+        }
+        Some(other) => Err(TaskError::InvalidOptions(format!(
+            "privilege_model must be one of {}, got {other}",
+            PRIVILEGE_MODELS.join(", ")
+        ))),
     }
 }
 
@@ -282,6 +307,18 @@ pub fn validate_unit_name(unit: &str) -> Result<(), TaskError> {
         return bad("more than one '@'");
     }
     Ok(())
+}
+
+/// Separates a failed shell task's reason from its output tail in the `fail` message. The
+/// platform gets both; logs and fleet events only what comes before it ([`without_output`]).
+pub const OUTPUT_MARKER: &str = "; output: ";
+
+/// A failure message without the task output it may carry: what goes to the journal and to
+/// fleet events (a command's output is the platform's, and may hold secrets).
+pub fn without_output(message: &str) -> &str {
+    message
+        .split_once(OUTPUT_MARKER)
+        .map_or(message, |(why, _)| why)
 }
 
 /// What a command produced: the `result` object and the `message` of `complete`.
@@ -480,6 +517,46 @@ mod tests {
             options: Some(options),
             status: "pending".into(),
         }
+    }
+
+    #[test]
+    fn shell_tasks_run_only_as_drop_to_nobody() {
+        let shell = |opts: Value| Command::parse(&task("custom", opts));
+        for ok in [
+            json!({"command": "id"}),
+            json!({"command": "id", "privilege_model": null}),
+            json!({"command": "id", "privilege_model": "drop_to_nobody"}),
+        ] {
+            assert!(
+                matches!(shell(ok.clone()), Ok(Command::Shell { .. })),
+                "{ok}"
+            );
+        }
+        for (opts, want) in [
+            (
+                json!({"command": "id", "privilege_model": "privileged"}),
+                "privilege_model privileged is refused",
+            ),
+            (
+                json!({"command": "id", "privilege_model": "as_user", "user": "root"}),
+                "privilege_model as_user is refused",
+            ),
+            (
+                json!({"command": "id", "privilege_model": "root"}),
+                "privilege_model must be one of drop_to_nobody, as_user, privileged",
+            ),
+        ] {
+            let err = shell(opts).unwrap_err();
+            assert_eq!(err.kind(), "invalid_options");
+            assert!(err.to_string().contains(want), "{err}");
+        }
+    }
+
+    #[test]
+    fn failure_output_stays_out_of_logs() {
+        let msg = format!("command exited with status 3{OUTPUT_MARKER}secret-token\n");
+        assert_eq!(without_output(&msg), "command exited with status 3");
+        assert_eq!(without_output("unknown_command: x"), "unknown_command: x");
     }
 
     #[test]

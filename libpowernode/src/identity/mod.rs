@@ -11,7 +11,7 @@
 //! black-holed metadata address costs one overall deadline ([`Settings::deadline`], 1.8 s), not the
 //! sum of the probes. Precedence stays the fixed order whatever finishes first.
 //!
-//! The result is cached in `/run/powernode/identity.json` (0600): it holds the bootstrap token, so
+//! The result is cached in `/run/powernode/identity/identity.json` (0640, group powernode-identity): it holds the bootstrap token, so
 //! it never leaves the node and [`Identity::public`] is what D-Bus and the CLI show. Once the node
 //! is enrolled (PKI present) a restart never re-runs network discovery: see [`obtain`].
 
@@ -590,7 +590,7 @@ pub fn resolve_offline(ctx: &Ctx) -> Resolution {
 }
 
 /// The identity the daemon serves, and how it was obtained:
-/// 1. the cache (`/run/powernode/identity.json`) if present;
+/// 1. the cache (`/run/powernode/identity/identity.json`) if present;
 /// 2. if the node is enrolled (`pki/meta.json`): the local sources only — if one names the
 ///    enrolled instance its source is kept, otherwise the identity is rebuilt from the PKI
 ///    (source `pki`). Network discovery (claim, clouds) is never re-run, and an enrolled node
@@ -641,7 +641,7 @@ pub async fn obtain(ctx: &Ctx) -> Result<Identity> {
     Ok(id)
 }
 
-/// The cached identity (`/run/powernode/identity.json`), if any.
+/// The cached identity (`/run/powernode/identity/identity.json`), if any.
 pub fn load_cached(paths: &Paths) -> Result<Option<Identity>> {
     let p = paths.identity_json();
     match read_optional(&p, 1024 * 1024)? {
@@ -653,9 +653,10 @@ pub fn load_cached(paths: &Paths) -> Result<Option<Identity>> {
 }
 
 pub fn store_cached(paths: &Paths, id: &Identity) -> Result<()> {
-    ensure_dir(&paths.run_dir(), 0o750)?;
+    ensure_dir(&paths.identity_run_dir(), 0o750)?;
     let bytes = serde_json::to_vec_pretty(id).map_err(|e| Error::malformed("identity", e))?;
-    atomic_write(&paths.identity_json(), &bytes, 0o600)
+    // Group-readable: identityd's group holds enrolld, the one other reader of the token.
+    atomic_write(&paths.identity_json(), &bytes, 0o640)
 }
 
 /// A TLS configuration that trusts nothing: for clients that only ever speak plain HTTP.

@@ -303,6 +303,7 @@ impl Agent {
                 max_timeout: Duration::from_secs(self.cfg.tasks.max_command_timeout_secs),
                 output_cap: self.cfg.tasks.output_cap_bytes,
             },
+            self.paths.under(powernode::systemd1::TASKS_RUN_DIR),
         );
         let task_loop = TaskLoop {
             paths: self.paths.clone(),

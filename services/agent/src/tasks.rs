@@ -299,11 +299,13 @@ impl<E: Executor> TaskLoop<E> {
                 .await;
             }
             Err(m) => {
-                tracing::warn!(task = %id, command, error = %m, "task failed");
+                // The output tail is for the platform's report only.
+                let why = tasks::without_output(m);
+                tracing::warn!(task = %id, command, error = %why, "task failed");
                 self.event(
                     "task.failed",
                     "error",
-                    json!({"task_id": id, "command": command, "error": m}),
+                    json!({"task_id": id, "command": command, "error": why}),
                 )
                 .await;
             }

@@ -327,6 +327,8 @@ pub fn entry(argv: impl IntoIterator<Item = OsString>) -> ExitCode {
         args.root.as_deref(),
         |paths| -> anyhow::Result<ExitCode> {
             let cfg = Config::load(&paths)?;
+            // Landlock grants writes below directories that exist when it is applied.
+            powernode::fsutil::ensure_dir(&paths.identity_run_dir(), 0o750)?;
             let rt = powernode::daemon::start(Profile::Identity, &paths)?;
             rt.block_on(run(paths, cfg))?;
             Ok(ExitCode::SUCCESS)

@@ -137,5 +137,45 @@ pub fn ensure_group(name: &str) -> Result<u32> {
         .with_context(|| format!("group {name}: unparsable entry {line:?}"))
 }
 
+/// Creates system user `name` if missing (`useradd -r`, no home, primary group nogroup) and
+/// returns its uid: the D-Bus policy names the suite's daemon users, and dbus-daemon resolves
+/// them when it reads the policy.
+pub fn ensure_user(name: &str) -> Result<u32> {
+    let lookup = || run(Command::new("getent").args(["passwd", name]));
+    let mut entry = lookup()?;
+    for attempt in 1..=GROUPADD_ATTEMPTS {
+        if entry.status.success() {
+            break;
+        }
+        let out = run(Command::new("useradd").args([
+            "-r",
+            "-M",
+            "-N",
+            "-g",
+            "nogroup",
+            "-s",
+            "/usr/sbin/nologin",
+            name,
+        ]))?;
+        if !out.status.success() && attempt == GROUPADD_ATTEMPTS {
+            bail!(
+                "useradd -r {name} failed ({}):\n{}",
+                out.status,
+                describe(&out)
+            );
+        }
+        if !out.status.success() {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        entry = lookup()?;
+    }
+    let line = String::from_utf8_lossy(&entry.stdout);
+    line.trim()
+        .split(':')
+        .nth(2)
+        .and_then(|uid| uid.parse().ok())
+        .with_context(|| format!("user {name}: unparsable entry {line:?}"))
+}
+
 /// Retries for `groupadd` when /etc/group is locked by another process.
 const GROUPADD_ATTEMPTS: u32 = 5;

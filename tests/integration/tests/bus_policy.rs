@@ -1,9 +1,9 @@
 //! The D-Bus policy in units/usr/share/dbus-1/system.d/com.powernode.conf, enforced by a real
-//! dbus-daemon: root may call methods, group `powernode` may only read, everyone else nothing.
+//! dbus-daemon: root may call methods, group `powernode-observe` may only read, everyone else nothing.
 
 use anyhow::{Context, Result, ensure};
 use powernode_integration_tests::bus::{Caller, PrivateBus, busctl, is_access_denied};
-use powernode_integration_tests::{describe, ensure_group};
+use powernode_integration_tests::{describe, ensure_group, ensure_user};
 use std::process::Output;
 
 const NAME: &str = "com.powernode.Identity1";
@@ -85,7 +85,7 @@ fn expect_denied(what: &str, out: &Output) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_separates_root_group_members_and_others() -> Result<()> {
-    let gid = ensure_group("powernode")?;
+    let gid = ensure_group("powernode-observe")?;
     let bus = PrivateBus::start()?;
     // The policy lets root own the names too, so the service can live in this process.
     let _service = zbus::connection::Builder::address(bus.address())
@@ -126,7 +126,7 @@ async fn policy_separates_root_group_members_and_others() -> Result<()> {
             &busctl(&address, &nobody, &["introspect", NAME, PATH])?,
         )?;
 
-        // group powernode: read-only.
+        // group powernode-observe: read-only.
         assert_eq!(
             expect_ok("member: get Version", &get_version(&address, &member)?)?,
             r#"s "test-1""#
@@ -168,5 +168,60 @@ async fn names_outside_the_policy_cannot_be_owned() -> Result<()> {
         err.to_string().contains("AccessDenied") || err.to_string().contains("not allowed"),
         "unexpected error owning an unlisted name: {err}"
     );
+    Ok(())
+}
+
+/// Stand-in for com.powernode.Mount1.
+struct Mount;
+
+#[zbus::interface(name = "com.powernode.Mount1")]
+impl Mount {
+    fn ping(&self) -> String {
+        "pong".into()
+    }
+}
+
+/// One uid per daemon: each may call only the services the privilege map gives it. Here
+/// Mount1: the agent (user powernode) may call it; identityd and fleeteventd's users may not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_daemon_user_reaches_only_its_peers() -> Result<()> {
+    let agent = ensure_user("powernode")?;
+    let identity = ensure_user("powernode-identity")?;
+    let events = ensure_user("powernode-events")?;
+    let bus = PrivateBus::start()?;
+    let _service = zbus::connection::Builder::address(bus.address())
+        .name("com.powernode.Mount1")
+        .serve_at("/com/powernode/Mount1", Mount)
+        .build()
+        .await
+        .context("serving com.powernode.Mount1 on the private bus as root")?;
+    let address = bus.address().to_string();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let ping = |uid: u32| {
+            busctl(
+                &address,
+                &Caller {
+                    uid,
+                    gid: powernode_integration_tests::bus::NOBODY,
+                    groups: Vec::new(),
+                },
+                &[
+                    "call",
+                    "com.powernode.Mount1",
+                    "/com/powernode/Mount1",
+                    "com.powernode.Mount1",
+                    "Ping",
+                ],
+            )
+        };
+        assert_eq!(
+            expect_ok("agent: Mount1.Ping", &ping(agent)?)?,
+            r#"s "pong""#
+        );
+        expect_denied("identityd: Mount1.Ping", &ping(identity)?)?;
+        expect_denied("fleeteventd: Mount1.Ping", &ping(events)?)?;
+        Ok(())
+    })
+    .await??;
     Ok(())
 }

@@ -373,7 +373,7 @@ fn expired_certificate_is_recovered_by_re_enrollment() -> Result<()> {
         "evidence": "test",
         "discovered_at": "2026-01-01T00:00:00Z",
     });
-    let run_dir = node.root.path().join("run/powernode");
+    let run_dir = node.root.path().join("run/powernode/identity");
     fs::create_dir_all(&run_dir)?;
     fs::write(run_dir.join("identity.json"), identity.to_string())?;
     fs::set_permissions(

@@ -22,21 +22,70 @@ fn installed_suite_boots_in_a_container() -> Result<()> {
         container.boot_log()
     );
 
-    // The sysusers.d entry: a system user and group named powernode.
-    let passwd = container.exec_ok(&["getent", "passwd", "powernode"])?;
-    let group = container.exec_ok(&["getent", "group", "powernode"])?;
-    println!("{}{}", passwd, group);
-    let uid: u32 = passwd.split(':').nth(2).unwrap_or_default().parse()?;
+    // The sysusers.d entries: one system user per daemon; group powernode holds the
+    // platform-facing daemons but not identityd; enrolld may read identityd's token.
+    let mut uids = std::collections::BTreeSet::new();
+    for user in [
+        "powernode",
+        "powernode-identity",
+        "powernode-enroll",
+        "powernode-cert",
+        "powernode-events",
+        "powernode-mount",
+    ] {
+        let passwd = container.exec_ok(&["getent", "passwd", user])?;
+        let uid: u32 = passwd.split(':').nth(2).unwrap_or_default().parse()?;
+        ensure!(uid < 1000, "{user} should be a system user, got uid {uid}");
+        ensure!(
+            uids.insert(uid),
+            "{user} shares uid {uid} with another daemon"
+        );
+    }
+    let members = |group: &str| -> Result<Vec<String>> {
+        let line = container.exec_ok(&["getent", "group", group])?;
+        Ok(line
+            .trim()
+            .rsplit(':')
+            .next()
+            .unwrap_or_default()
+            .split(',')
+            .filter(|m| !m.is_empty())
+            .map(str::to_string)
+            .collect())
+    };
+    let groups = |user: &str| -> Result<String> { container.exec_ok(&["id", "-nG", user]) };
     ensure!(
-        uid < 1000,
-        "powernode should be a system user, got uid {uid}"
+        !groups("powernode-identity")?
+            .split_whitespace()
+            .any(|g| g == "powernode"),
+        "identityd must not be in group powernode"
+    );
+    for user in [
+        "powernode-enroll",
+        "powernode-cert",
+        "powernode-events",
+        "powernode-mount",
+    ] {
+        ensure!(
+            groups(user)?.split_whitespace().any(|g| g == "powernode"),
+            "{user} should be in group powernode"
+        );
+    }
+    ensure!(
+        members("powernode-identity")?.contains(&"powernode-enroll".to_string()),
+        "enrolld reads identity.json through group powernode-identity"
     );
 
     // The tmpfiles.d entries, created at boot.
     for (path, want) in [
-        ("/run/powernode", "750 powernode:powernode"),
-        ("/persist/var/lib/powernode", "750 powernode:powernode"),
-        ("/persist/var/lib/powernode/pki", "700 powernode:powernode"),
+        ("/run/powernode", "1775 root:powernode"),
+        (
+            "/run/powernode/identity",
+            "750 powernode-identity:powernode-identity",
+        ),
+        ("/run/powernode/tasks", "700 powernode:powernode"),
+        ("/persist/var/lib/powernode", "2770 root:powernode"),
+        ("/persist/var/lib/powernode/pki", "2770 root:powernode"),
         ("/etc/powernode", "755 root:root"),
     ] {
         let got = container.exec_ok(&["stat", "-c", "%a %U:%G", path])?;

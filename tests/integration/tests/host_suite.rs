@@ -450,9 +450,9 @@ fn node_resolves_enrolls_and_heartbeats() -> Result<()> {
             );
         }
 
-        let cache = node.root().join("run/powernode/identity.json");
+        let cache = node.root().join("run/powernode/identity/identity.json");
         let mode = fs::metadata(&cache)?.permissions().mode() & 0o7777;
-        ensure!(mode == 0o600, "identity.json mode {mode:o}");
+        ensure!(mode == 0o640, "identity.json mode {mode:o}");
         ensure!(
             fs::read_to_string(&cache)?.contains(&token),
             "identity.json should cache the token for enrolld"

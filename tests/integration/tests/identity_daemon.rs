@@ -139,9 +139,9 @@ fn node(trees: &[&str]) -> Result<tempfile::TempDir> {
 }
 
 fn check_cache(root: &Path, secret: &str) -> Result<()> {
-    let p = root.join("run/powernode/identity.json");
+    let p = root.join("run/powernode/identity/identity.json");
     let mode = fs::metadata(&p)?.permissions().mode() & 0o777;
-    ensure!(mode == 0o600, "identity.json mode {mode:o}");
+    ensure!(mode == 0o640, "identity.json mode {mode:o}");
     ensure!(
         fs::read_to_string(&p)?.contains(secret),
         "the cache holds the token"

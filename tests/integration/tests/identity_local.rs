@@ -390,11 +390,11 @@ async fn enrolled_nodes_never_rerun_network_discovery() {
     // …and cached, 0600.
     let cached = identity::load_cached(&Paths::new(r)).unwrap().unwrap();
     assert_eq!(cached, id);
-    let mode = fs::metadata(r.join("run/powernode/identity.json"))
+    let mode = fs::metadata(r.join("run/powernode/identity/identity.json"))
         .unwrap()
         .permissions()
         .mode();
-    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(mode & 0o777, 0o640);
 
     // The cache wins on the next start.
     put(r, "proc/cmdline", "powernode.instance_uuid=enrolled-1");
@@ -405,12 +405,12 @@ async fn enrolled_nodes_never_rerun_network_discovery() {
 
     // Without the cache (a reboot), a local source naming the enrolled instance keeps its source;
     // one naming another instance does not take over the enrolled node.
-    fs::remove_file(r.join("run/powernode/identity.json")).unwrap();
+    fs::remove_file(r.join("run/powernode/identity/identity.json")).unwrap();
     assert_eq!(
         identity::obtain(&ctx(r, fake.url())).await.unwrap().source,
         Source::KernelCmdline
     );
-    fs::remove_file(r.join("run/powernode/identity.json")).unwrap();
+    fs::remove_file(r.join("run/powernode/identity/identity.json")).unwrap();
     put(r, "proc/cmdline", "powernode.instance_uuid=impostor");
     let id = identity::obtain(&ctx(r, fake.url())).await.unwrap();
     assert_eq!(

@@ -159,12 +159,13 @@ fn modules_are_composed_by_systemd_refreshed_atomically_and_detached() -> Result
     )?;
     let state = c.wait_running()?;
     println!("container {state} after {:.1?}", started.elapsed());
-    // The copied PKI belongs to the service user, as enrolld would have left it.
+    // The copied PKI belongs to enrolld's user and group powernode, as enrolld would have
+    // left it; mountd reads it through the group.
     c.exec_ok(&[
         "chown",
         "-R",
-        "powernode:powernode",
-        "/persist/var/lib/powernode",
+        "powernode-enroll:powernode",
+        "/persist/var/lib/powernode/pki",
     ])?;
 
     // Attach base, then top: generations 1 and 2.

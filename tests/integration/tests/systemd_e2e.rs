@@ -184,16 +184,17 @@ fn node_enrolls_and_heartbeats_under_systemd() -> Result<()> {
     ensure!(show.contains("StatusText=heartbeat ok"), "{show}");
     ensure!(show.contains("NRestarts=0"), "{show}");
 
-    // PKI written by enrolld as the contract says, owned by the service user.
+    // PKI written by enrolld under its own uid, readable by the platform-facing daemons
+    // (group powernode, setgid directory) and nobody else.
     for (file, want) in [
-        ("", "700 powernode"),
-        ("node.key", "600 powernode"),
-        ("instance-token.jwt", "600 powernode"),
-        ("node.crt", "644 powernode"),
-        ("meta.json", "644 powernode"),
+        ("", "2770 root powernode"),
+        ("node.key", "640 powernode-enroll powernode"),
+        ("instance-token.jwt", "640 powernode-enroll powernode"),
+        ("node.crt", "644 powernode-enroll powernode"),
+        ("meta.json", "644 powernode-enroll powernode"),
     ] {
         let p = format!("/persist/var/lib/powernode/pki/{file}");
-        let got = c.exec_ok(&["stat", "-L", "-c", "%a %U", &p])?;
+        let got = c.exec_ok(&["stat", "-L", "-c", "%a %U %G", &p])?;
         ensure!(got.trim() == want, "{p}: {got:?} want {want:?}");
     }
 
@@ -409,9 +410,17 @@ fn tasks_run_through_systemd_and_drain_on_stop() -> Result<()> {
         "[tasks]\npoll_secs = 1\ndrain_secs = 4\n",
         0o644,
     )?;
+    // A module-style service (powernode-<module>-<service>): the polkit rule lets the agent
+    // start and stop those, and nothing else but its task units and reboot.target.
     write(
         tree.path(),
-        "etc/systemd/system/pn-probe.service",
+        "etc/systemd/system/powernode-probe-svc.service",
+        "[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/bin/true\n",
+        0o644,
+    )?;
+    write(
+        tree.path(),
+        "etc/systemd/system/pn-other.service",
         "[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/bin/true\n",
         0o644,
     )?;
@@ -439,37 +448,90 @@ fn tasks_run_through_systemd_and_drain_on_stop() -> Result<()> {
             .with_context(logs)
     };
 
-    let t = run("start", serde_json::json!({"unit": "pn-probe.service"}))?;
+    let t = run(
+        "start",
+        serde_json::json!({"unit": "powernode-probe-svc.service"}),
+    )?;
     ensure!(t["status"] == "complete", "{t}");
     ensure!(
-        c.exec_ok(&["systemctl", "is-active", "pn-probe.service"])?
+        c.exec_ok(&["systemctl", "is-active", "powernode-probe-svc.service"])?
             .trim()
             == "active",
         "start task did not start the unit"
     );
-    let t = run("stop", serde_json::json!({"unit": "pn-probe.service"}))?;
+    let t = run(
+        "stop",
+        serde_json::json!({"unit": "powernode-probe-svc.service"}),
+    )?;
     ensure!(t["status"] == "complete", "{t}");
-    let state = c.exec(&["systemctl", "is-active", "pn-probe.service"])?;
+    let state = c.exec(&["systemctl", "is-active", "powernode-probe-svc.service"])?;
     ensure!(String::from_utf8_lossy(&state.stdout).trim() == "inactive");
     let t = run(
         "restart",
-        serde_json::json!({"unit": "pn-nonexistent.service"}),
+        serde_json::json!({"unit": "powernode-nonexistent.service"}),
     )?;
     ensure!(t["status"] == "failed", "{t}");
     ensure!(
         t["error_message"]
             .as_str()
             .unwrap_or("")
-            .contains("pn-nonexistent.service"),
+            .contains("powernode-nonexistent.service"),
+        "{t}"
+    );
+    // Units outside the privilege map: refused by polkit, and nothing happened.
+    for unit in [
+        "pn-other.service",
+        "debug-shell.service",
+        "powernode-mountd.service",
+    ] {
+        let t = run("start", serde_json::json!({ "unit": unit }))?;
+        ensure!(t["status"] == "failed", "{unit}: {t}");
+        let state = c.exec(&["systemctl", "is-active", unit])?;
+        ensure!(
+            String::from_utf8_lossy(&state.stdout).trim() != "active",
+            "{unit} was started by a task"
+        );
+    }
+    let t = run(
+        "custom",
+        serde_json::json!({"command": "id -u", "privilege_model": "privileged"}),
+    )?;
+    ensure!(t["status"] == "failed", "{t}");
+    ensure!(
+        t["error_message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("privilege_model privileged is refused"),
         "{t}"
     );
 
     let t = run(
         "custom",
-        serde_json::json!({"command": "echo hello; id -u; echo oops >&2"}),
+        serde_json::json!({"command": "echo hello; id -u; echo oops >&2; cat /persist/var/lib/powernode/pki/node.key"}),
+    )?;
+    // drop_to_nobody: a dynamic user, not root, that cannot read the node key.
+    ensure!(t["status"] == "failed", "{t}");
+    let msg = t["error_message"].as_str().unwrap_or("");
+    let uid: Option<u32> = msg
+        .split_once("hello\n")
+        .and_then(|(_, rest)| rest.lines().next())
+        .and_then(|l| l.trim().parse().ok());
+    ensure!(
+        uid.is_some_and(|u| u != 0) && msg.contains("oops") && msg.contains("Permission denied"),
+        "{t}"
+    );
+    let t = run(
+        "custom",
+        serde_json::json!({"command": "echo hello; echo oops >&2"}),
     )?;
     ensure!(t["status"] == "complete", "{t}");
-    ensure!(t["result"]["output"] == "hello\n0\noops\n", "{t}");
+    ensure!(t["result"]["output"] == "hello\noops\n", "{t}");
+    // Task output never reaches the journal.
+    let journal = c.exec_ok(&["journalctl", "--no-pager", "-o", "cat"])?;
+    ensure!(
+        !journal.contains("hello\noops") && !journal.lines().any(|l| l.trim() == "oops"),
+        "task output in the journal"
+    );
     let t = run(
         "ssh_command",
         serde_json::json!({"command": "echo partial; exit 3"}),
@@ -504,6 +566,66 @@ fn tasks_run_through_systemd_and_drain_on_stop() -> Result<()> {
         "{}",
         big["result"]["output_bytes"]
     );
+
+    // The privilege map (docs/ARCHITECTURE.md §2), from each daemon's uid under the real polkit:
+    // no transient unit with a shell of its choosing, no debug shell. powernode-mount's
+    // StartTransientUnit grant is the one documented gap (mount units), so only the debug shell
+    // is tried for it.
+    for user in [
+        "powernode",
+        "powernode-identity",
+        "powernode-enroll",
+        "powernode-cert",
+        "powernode-events",
+        "powernode-mount",
+    ] {
+        let as_user = |argv: &[&str]| -> Result<std::process::Output> {
+            let mut full = vec![
+                "setpriv",
+                "--reuid",
+                user,
+                "--regid",
+                user,
+                "--init-groups",
+                "--",
+            ];
+            full.extend_from_slice(argv);
+            c.exec(&full)
+        };
+        let shell = as_user(&[
+            "systemctl",
+            "--no-ask-password",
+            "start",
+            "debug-shell.service",
+        ])?;
+        ensure!(
+            !shell.status.success(),
+            "{user} started debug-shell.service"
+        );
+        if user != "powernode-mount" {
+            let marker = format!("/run/pn-pwned-{user}");
+            let transient = as_user(&[
+                "systemd-run",
+                "--no-ask-password",
+                "--wait",
+                "--collect",
+                "/bin/sh",
+                "-c",
+                &format!("touch {marker}"),
+            ])?;
+            ensure!(
+                !transient.status.success(),
+                "{user} ran a transient unit: {}",
+                String::from_utf8_lossy(&transient.stdout)
+            );
+            ensure!(
+                !c.exec(&["test", "-e", &marker])?.status.success(),
+                "{user}'s transient shell ran as root"
+            );
+        }
+    }
+    let st = c.exec(&["systemctl", "is-active", "debug-shell.service"])?;
+    ensure!(String::from_utf8_lossy(&st.stdout).trim() != "active");
 
     // Stop while a short task runs: it finishes inside the drain, the agent exits cleanly.
     let short = platform.enqueue_task(
@@ -569,7 +691,7 @@ fn tasks_run_through_systemd_and_drain_on_stop() -> Result<()> {
         "{l}"
     );
     let unit = format!(
-        "powernode-task-{}.service",
+        "powernode-task@{}.service",
         long["id"].as_str().context("id")?
     );
     let st = c.exec(&["systemctl", "is-active", &unit])?;

@@ -32,7 +32,7 @@ ExecStart=/bin/sh -c 'echo PN-BEGIN; \
   busctl call com.powernode.Identity1 /com/powernode/Identity1 com.powernode.Identity1 Resolve; \
   for p in Source InstanceId PlatformUrl; do echo "PROP $p $(busctl get-property com.powernode.Identity1 /com/powernode/Identity1 com.powernode.Identity1 $p)"; done; \
   pid=$(systemctl show -P MainPID powernode-identityd.service); \
-  echo "UNIT $(systemctl show -P ActiveState powernode-identityd.service) uid=$(awk "/^Uid:/{print \\$2}" /proc/$pid/status) powernode=$(id -u powernode)"; \
+  echo "UNIT $(systemctl show -P ActiveState powernode-identityd.service) uid=$(awk "/^Uid:/{print \\$2}" /proc/$pid/status) powernode=$(id -u powernode-identity)"; \
   grep -E "^(NoNewPrivs|Seccomp|CapEff):" /proc/$pid/status; \
   echo PN-END; systemctl poweroff'
 
