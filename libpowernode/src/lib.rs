@@ -22,6 +22,7 @@ pub mod identity;
 pub mod manifest;
 pub mod modules;
 pub mod mount;
+pub mod mounthelper;
 pub mod oci;
 pub mod paths;
 pub mod pki;

@@ -28,6 +28,8 @@ pub enum Profile {
     Agent,
     Events,
     Mount,
+    /// powernode-mount-helper: root, no network, reads the store and asks systemd to mount.
+    MountHelper,
 }
 
 impl Profile {
@@ -39,6 +41,7 @@ impl Profile {
             Profile::Agent => "agent",
             Profile::Events => "events",
             Profile::Mount => "mount",
+            Profile::MountHelper => "mount-helper",
         }
     }
 
@@ -47,7 +50,14 @@ impl Profile {
         match self {
             // fw-cfg and DMI files are root-only 0400.
             Profile::Identity => vec![caps::Capability::CAP_DAC_READ_SEARCH],
-            // mountd asks systemd to mount; it keeps no capability at all.
+            // systemd lets a caller with CAP_SYS_ADMIN create mount units without asking polkit;
+            // CAP_DAC_READ_SEARCH reads the store's 0600 images to check their digests. The
+            // helper never mounts by itself (seccomp refuses it).
+            Profile::MountHelper => vec![
+                caps::Capability::CAP_SYS_ADMIN,
+                caps::Capability::CAP_DAC_READ_SEARCH,
+            ],
+            // mountd asks the helper to mount; it keeps no capability at all.
             Profile::Enroll | Profile::Cert | Profile::Agent | Profile::Events | Profile::Mount => {
                 Vec::new()
             }
@@ -156,6 +166,11 @@ impl FsRules {
             // state.json (state dir), the module store it pulls into (and its fs-verity
             // bindings), and /run/powernode where it links the target and creates the
             // overlay's upper/work directories.
+            // Reads images (digests) and checks mount points; writes nothing.
+            Profile::MountHelper => {
+                read.push(paths.under(crate::oci::STORE_DIR));
+                read.push(paths.run_dir());
+            }
             Profile::Mount => {
                 write.push(paths.state_dir());
                 write.push(paths.under(crate::oci::STORE_DIR));

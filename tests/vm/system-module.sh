@@ -12,7 +12,7 @@ cp -a "$UNITS"/. "$DEST"/
 mkdir -p "$DEST/usr/bin" "$DEST/usr/libexec/powernode"
 # Debug builds carry hundreds of MB of DWARF; one stripped multicall binary serves every daemon.
 strip --strip-debug -o "$DEST/usr/bin/powernode-agent" "$AGENT"
-for d in identityd enrolld certd fleeteventd; do
+for d in identityd enrolld certd fleeteventd mountd mount-helper; do
   ln -sf ../../bin/powernode-agent "$DEST/usr/libexec/powernode/powernode-$d"
 done
 S=$DEST/etc/systemd/system

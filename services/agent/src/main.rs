@@ -20,6 +20,7 @@ fn main() -> ExitCode {
         multicall::Callname::Certd => powernode_certd::entry(argv),
         multicall::Callname::Fleeteventd => powernode_fleeteventd::entry(argv),
         multicall::Callname::Mountd => powernode_mountd::entry(argv),
+        multicall::Callname::MountHelper => powernode_mount_helper::entry(argv),
         multicall::Callname::Ipn => {
             eprintln!(
                 "ipn: the legacy flag interface is not available in this build; use `powernode-agent <command>`"

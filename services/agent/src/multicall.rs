@@ -11,6 +11,7 @@ pub enum Callname {
     Certd,
     Fleeteventd,
     Mountd,
+    MountHelper,
     /// The upstream agent's legacy name.
     Ipn,
 }
@@ -27,6 +28,7 @@ pub fn callname_from_argv0(argv0: Option<&OsStr>) -> Callname {
         "powernode-certd" => Callname::Certd,
         "powernode-fleeteventd" => Callname::Fleeteventd,
         "powernode-mountd" => Callname::Mountd,
+        "powernode-mount-helper" => Callname::MountHelper,
         "ipn" => Callname::Ipn,
         _ => Callname::Agent,
     }
@@ -55,6 +57,10 @@ mod tests {
             (
                 Some("/usr/libexec/powernode/powernode-mountd"),
                 Callname::Mountd,
+            ),
+            (
+                Some("/usr/libexec/powernode/powernode-mount-helper"),
+                Callname::MountHelper,
             ),
             (Some("/sbin/ipn"), Callname::Ipn),
             (Some("/usr/bin/powernode-agent"), Callname::Agent),

@@ -4,9 +4,10 @@
 //! set of modules (`Sync` takes the platform's assignment list); every image is pulled and
 //! verified with [`powernode::modules::fetch_and_verify`] first, and one refusal (signature,
 //! digest, fs-verity, missing policy) means nothing is mounted or recorded — fail closed. The
-//! mounts themselves are transient `.mount` units that systemd creates on request
-//! ([`powernode::systemd::start_mount`]), so this process holds no mount capability; the
-//! plan comes from [`powernode::mount`]. A change builds a new generation next to the current
+//! mounts themselves are transient `.mount` units that systemd creates at the request of
+//! powernode-mount-helper ([`powernode::mounthelper`]), the root helper that checks each one
+//! against the plan's shapes and each lower's stored image, so this process holds no mount
+//! capability and no grant that reaches root; the plan comes from [`powernode::mount`]. A change builds a new generation next to the current
 //! one, switches the target symlink with one rename, then stops the old generation's units in
 //! reverse order. `state.json` is written after the mounts it describes exist.
 //!
@@ -198,7 +199,7 @@ async fn stop_all(conn: &zbus::Connection, specs: &[&MountSpec]) -> Result<(), E
     for spec in specs {
         let res = async {
             let unit = systemd::mount_unit_name(&spec.r#where)?;
-            systemd::stop_unit(conn, &unit, systemd::JOB_TIMEOUT).await
+            powernode::mounthelper::stop_unit(conn, &unit, systemd::JOB_TIMEOUT).await
         }
         .await;
         match res {
@@ -242,19 +243,23 @@ async fn bring_up_inner<'p>(
     for spec in leftovers.iter().rev() {
         let unit = systemd::mount_unit_name(&spec.r#where)?;
         if systemd::unit_active_state(conn, &unit).await?.is_some() {
-            systemd::stop_unit(conn, &unit, systemd::JOB_TIMEOUT).await?;
+            powernode::mounthelper::stop_unit(conn, &unit, systemd::JOB_TIMEOUT).await?;
         }
     }
     for (i, spec) in plan.lowers.iter().enumerate() {
         let what_for = format!("lower {} of generation {}", i + 1, plan.generation);
-        let (_, fresh) =
-            systemd::start_mount(conn, &transient(spec, &what_for), systemd::JOB_TIMEOUT).await?;
+        let (_, fresh) = powernode::mounthelper::start_mount(
+            conn,
+            &transient(spec, &what_for),
+            systemd::JOB_TIMEOUT,
+        )
+        .await?;
         if fresh {
             started.push(spec);
         }
     }
     let what_for = format!("upper tmpfs of generation {}", plan.generation);
-    systemd::start_mount(
+    powernode::mounthelper::start_mount(
         conn,
         &transient(&plan.upper, &what_for),
         systemd::JOB_TIMEOUT,
@@ -269,7 +274,7 @@ async fn bring_up_inner<'p>(
         }
     }
     let what_for = format!("overlay of generation {}", plan.generation);
-    systemd::start_mount(
+    powernode::mounthelper::start_mount(
         conn,
         &transient(&plan.overlay, &what_for),
         systemd::JOB_TIMEOUT,
@@ -278,7 +283,8 @@ async fn bring_up_inner<'p>(
     started.push(&plan.overlay);
     if let Some(var) = &plan.persist_var {
         let what_for = format!("persistent /var of generation {}", plan.generation);
-        systemd::start_mount(conn, &transient(var, &what_for), systemd::JOB_TIMEOUT).await?;
+        powernode::mounthelper::start_mount(conn, &transient(var, &what_for), systemd::JOB_TIMEOUT)
+            .await?;
         started.push(var);
     }
     Ok(())

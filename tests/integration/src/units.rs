@@ -18,6 +18,7 @@ pub const BINARIES: &[(&str, &str)] = &[
     ("powernode-certd", "usr/libexec/powernode"),
     ("powernode-fleeteventd", "usr/libexec/powernode"),
     ("powernode-mountd", "usr/libexec/powernode"),
+    ("powernode-mount-helper", "usr/libexec/powernode"),
     ("powernode-agent", "usr/bin"),
 ];
 

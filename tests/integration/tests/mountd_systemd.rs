@@ -458,6 +458,89 @@ fn modules_are_composed_by_systemd_refreshed_atomically_and_detached() -> Result
         );
     }
 
+    // The root helper mounts only what a plan produces: from mountd's own uid, an arbitrary
+    // What= or a place outside the composition is refused with the reason, and nothing is
+    // mounted; another uid cannot even call it.
+    let helper_call = |user: &str, group: &str, args: &[&str]| -> Result<std::process::Output> {
+        let mut argv = vec![
+            "setpriv".to_string(),
+            format!("--reuid={user}"),
+            format!("--regid={group}"),
+            "--clear-groups".into(),
+            "busctl".into(),
+            "call".into(),
+            "com.powernode.MountHelper1".into(),
+            "/com/powernode/MountHelper1".into(),
+            "com.powernode.MountHelper1".into(),
+        ];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        c.exec(&argv)
+    };
+    let lower = format!("/run/powernode/mounts/lower/{}", "f".repeat(64));
+    for (what, r#where, fstype, options, why) in [
+        (
+            "/dev/loop0",
+            lower.as_str(),
+            "erofs",
+            "nosuid,nodev,ro",
+            "is not where",
+        ),
+        ("tmpfs", "/etc", "tmpfs", "nosuid,nodev", "is not where"),
+        ("proc", "/run/powernode/x", "proc", "", "never mounted"),
+        (
+            "/persist/var",
+            "/run/powernode/root.gen/99/var",
+            "none",
+            "bind",
+            "is not a mounted overlay",
+        ),
+    ] {
+        let out = helper_call(
+            "powernode-mount",
+            "powernode",
+            &[
+                "StartMount",
+                "sssssb",
+                what,
+                r#where,
+                fstype,
+                options,
+                "probe",
+                "false",
+            ],
+        )?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && err.contains(why),
+            "helper accepted {what} at {where}: {}",
+            powernode_integration_tests::describe(&out)
+        );
+    }
+    let out = helper_call(
+        "powernode-mount",
+        "powernode",
+        &["StopUnit", "s", "dbus.service"],
+    )?;
+    ensure!(!out.status.success(), "helper stopped dbus.service");
+    let out = helper_call("nobody", "nogroup", &["StopUnit", "s", "dbus.service"])?;
+    ensure!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Access denied"),
+        "{}",
+        powernode_integration_tests::describe(&out)
+    );
+    let units = c.exec_ok(&[
+        "systemctl",
+        "list-units",
+        "--type=mount",
+        "--all",
+        "--no-legend",
+    ])?;
+    ensure!(
+        !units.contains("run-powernode-x") && !units.contains(&"f".repeat(64)),
+        "a refused mount exists: {units}"
+    );
+
     // Detach everything: units stopped in reverse order, target gone, loops released.
     // The CLI goes through mountd: `detach` composes without `top`; a module that is not
     // composed is NotFound (exit 1), not a mount failure.

@@ -568,9 +568,7 @@ fn tasks_run_through_systemd_and_drain_on_stop() -> Result<()> {
     );
 
     // The privilege map (docs/ARCHITECTURE.md §2), from each daemon's uid under the real polkit:
-    // no transient unit with a shell of its choosing, no debug shell. powernode-mount's
-    // StartTransientUnit grant is the one documented gap (mount units), so only the debug shell
-    // is tried for it.
+    // no transient unit with a shell of its choosing, no debug shell.
     for user in [
         "powernode",
         "powernode-identity",
@@ -602,27 +600,35 @@ fn tasks_run_through_systemd_and_drain_on_stop() -> Result<()> {
             !shell.status.success(),
             "{user} started debug-shell.service"
         );
-        if user != "powernode-mount" {
-            let marker = format!("/run/pn-pwned-{user}");
-            let transient = as_user(&[
-                "systemd-run",
-                "--no-ask-password",
-                "--wait",
-                "--collect",
-                "/bin/sh",
-                "-c",
-                &format!("touch {marker}"),
-            ])?;
-            ensure!(
-                !transient.status.success(),
-                "{user} ran a transient unit: {}",
-                String::from_utf8_lossy(&transient.stdout)
-            );
-            ensure!(
-                !c.exec(&["test", "-e", &marker])?.status.success(),
-                "{user}'s transient shell ran as root"
-            );
-        }
+        let marker = format!("/run/pn-pwned-{user}");
+        let transient = as_user(&[
+            "systemd-run",
+            "--no-ask-password",
+            "--wait",
+            "--collect",
+            "/bin/sh",
+            "-c",
+            &format!("touch {marker}"),
+        ])?;
+        ensure!(
+            !transient.status.success(),
+            "{user} ran a transient unit: {}",
+            String::from_utf8_lossy(&transient.stdout)
+        );
+        ensure!(
+            !c.exec(&["test", "-e", &marker])?.status.success(),
+            "{user}'s transient shell ran as root"
+        );
+        // systemd-mount is StartTransientUnit of a .mount: an arbitrary What= anywhere.
+        let mount = as_user(&[
+            "systemd-mount",
+            "--no-ask-password",
+            "-t",
+            "tmpfs",
+            "tmpfs",
+            &format!("/run/pn-mnt-{user}"),
+        ])?;
+        ensure!(!mount.status.success(), "{user} had systemd mount a tmpfs");
     }
     let st = c.exec(&["systemctl", "is-active", "debug-shell.service"])?;
     ensure!(String::from_utf8_lossy(&st.stdout).trim() != "active");

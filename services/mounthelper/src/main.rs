@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    powernode_mount_helper::entry(std::env::args_os())
+}
