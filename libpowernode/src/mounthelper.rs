@@ -144,6 +144,8 @@ fn is_mount_point(path: &Path) -> bool {
     me.is_dir() && me.dev() != parent.dev()
 }
 
+// f_type is __fsword_t: i64 on x86_64, narrower on some other architectures.
+#[allow(clippy::unnecessary_cast)]
 fn fs_magic(path: &Path) -> Option<i64> {
     nix::sys::statfs::statfs(path)
         .ok()
@@ -160,7 +162,7 @@ fn require_mounted(path: &Path, magic: i64, kind: &'static str) -> Result<(), Re
 
 /// The comma-separated options, which must include `nosuid` and `nodev`: nothing the
 /// composition mounts may carry a set-uid binary or a device node into the node.
-fn options_with_nosuid<'a>(options: &'a str) -> Result<Vec<&'a str>, Refusal> {
+fn options_with_nosuid(options: &str) -> Result<Vec<&str>, Refusal> {
     let opts: Vec<&str> = options.split(',').collect();
     for need in ["nosuid", "nodev"] {
         if !opts.contains(&need) {
