@@ -170,10 +170,10 @@ fn enroll_writes_pki_with_modes_and_is_idempotent() -> Result<()> {
     );
 
     let dir = pki_dir(root);
-    ensure!(mode(&dir)? == 0o700, "PKI dir mode {:o}", mode(&dir)?);
+    ensure!(mode(&dir)? == 0o770, "PKI dir mode {:o}", mode(&dir)?);
     for (name, want) in [
-        ("node.key", 0o600),
-        ("instance-token.jwt", 0o600),
+        ("node.key", 0o640),
+        ("instance-token.jwt", 0o640),
         ("node.crt", 0o644),
         ("ca-chain.crt", 0o644),
         ("ca-bundle.crt", 0o644),
