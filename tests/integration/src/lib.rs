@@ -109,45 +109,18 @@ pub fn describe(out: &Output) -> String {
 
 /// Creates system group `name` if missing (`groupadd -f -r`) and returns its gid.
 pub fn ensure_group(name: &str) -> Result<u32> {
-    let lookup = || run(Command::new("getent").args(["group", name]));
-    let mut entry = lookup()?;
-    // groupadd takes a lock on /etc/group; a test running in parallel may hold it briefly.
-    for attempt in 1..=GROUPADD_ATTEMPTS {
-        if entry.status.success() {
-            break;
-        }
-        let out = run(Command::new("groupadd").args(["-f", "-r", name]))?;
-        if !out.status.success() && attempt == GROUPADD_ATTEMPTS {
-            bail!(
-                "groupadd -f -r {name} failed ({}):\n{}",
-                out.status,
-                describe(&out)
-            );
-        }
-        if !out.status.success() {
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-        entry = lookup()?;
-    }
-    let line = String::from_utf8_lossy(&entry.stdout);
-    line.trim()
-        .split(':')
-        .nth(2)
-        .and_then(|gid| gid.parse().ok())
-        .with_context(|| format!("group {name}: unparsable entry {line:?}"))
+    ensure_account("group", name, &["groupadd", "-f", "-r", name])
 }
 
 /// Creates system user `name` if missing (`useradd -r`, no home, primary group nogroup) and
 /// returns its uid: the D-Bus policy names the suite's daemon users, and dbus-daemon resolves
 /// them when it reads the policy.
 pub fn ensure_user(name: &str) -> Result<u32> {
-    let lookup = || run(Command::new("getent").args(["passwd", name]));
-    let mut entry = lookup()?;
-    for attempt in 1..=GROUPADD_ATTEMPTS {
-        if entry.status.success() {
-            break;
-        }
-        let out = run(Command::new("useradd").args([
+    ensure_account(
+        "passwd",
+        name,
+        &[
+            "useradd",
             "-r",
             "-M",
             "-N",
@@ -156,10 +129,25 @@ pub fn ensure_user(name: &str) -> Result<u32> {
             "-s",
             "/usr/sbin/nologin",
             name,
-        ]))?;
+        ],
+    )
+}
+
+/// The id (third field) of `name` in the `database` getent reads, after running `add` when the
+/// entry is missing.
+fn ensure_account(database: &str, name: &str, add: &[&str]) -> Result<u32> {
+    let lookup = || run(Command::new("getent").args([database, name]));
+    let mut entry = lookup()?;
+    // groupadd/useradd take a lock on /etc/group; a test running in parallel may hold it briefly.
+    for attempt in 1..=GROUPADD_ATTEMPTS {
+        if entry.status.success() {
+            break;
+        }
+        let out = run(Command::new(add[0]).args(&add[1..]))?;
         if !out.status.success() && attempt == GROUPADD_ATTEMPTS {
             bail!(
-                "useradd -r {name} failed ({}):\n{}",
+                "{} failed ({}):\n{}",
+                add.join(" "),
                 out.status,
                 describe(&out)
             );
@@ -173,9 +161,19 @@ pub fn ensure_user(name: &str) -> Result<u32> {
     line.trim()
         .split(':')
         .nth(2)
-        .and_then(|uid| uid.parse().ok())
-        .with_context(|| format!("user {name}: unparsable entry {line:?}"))
+        .and_then(|id| id.parse().ok())
+        .with_context(|| format!("{database} {name}: unparsable entry {line:?}"))
 }
+
+/// The system users the suite's daemons run as (units/usr/lib/sysusers.d/powernode.conf).
+pub const DAEMON_USERS: [&str; 6] = [
+    "powernode",
+    "powernode-identity",
+    "powernode-enroll",
+    "powernode-cert",
+    "powernode-events",
+    "powernode-mount",
+];
 
 /// Retries for `groupadd` when /etc/group is locked by another process.
 const GROUPADD_ATTEMPTS: u32 = 5;

@@ -25,14 +25,7 @@ fn installed_suite_boots_in_a_container() -> Result<()> {
     // The sysusers.d entries: one system user per daemon; group powernode holds the
     // platform-facing daemons but not identityd; enrolld may read identityd's token.
     let mut uids = std::collections::BTreeSet::new();
-    for user in [
-        "powernode",
-        "powernode-identity",
-        "powernode-enroll",
-        "powernode-cert",
-        "powernode-events",
-        "powernode-mount",
-    ] {
+    for user in powernode_integration_tests::DAEMON_USERS {
         let passwd = container.exec_ok(&["getent", "passwd", user])?;
         let uid: u32 = passwd.split(':').nth(2).unwrap_or_default().parse()?;
         ensure!(uid < 1000, "{user} should be a system user, got uid {uid}");

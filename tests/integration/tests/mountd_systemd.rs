@@ -55,6 +55,19 @@ fn prop(c: &Container, p: &str) -> Result<String> {
 }
 
 /// The powernode mount units systemd has loaded and active, sorted.
+/// `busctl call <call…>` in the container as `user`:`group` with no supplementary groups.
+fn busctl_as(
+    c: &Container,
+    user: &str,
+    group: &str,
+    call: &[&str],
+) -> Result<std::process::Output> {
+    let (uid, gid) = (format!("--reuid={user}"), format!("--regid={group}"));
+    let mut argv = vec!["setpriv", &uid, &gid, "--clear-groups", "busctl", "call"];
+    argv.extend_from_slice(call);
+    c.exec(&argv)
+}
+
 fn mount_units(c: &Container) -> Result<Vec<String>> {
     let out = c.exec_ok(&[
         "systemctl",
@@ -430,22 +443,15 @@ fn modules_are_composed_by_systemd_refreshed_atomically_and_detached() -> Result
         ),
     ] {
         let group = if user == "nobody" { "nogroup" } else { user };
-        let mut argv = vec![
-            "setpriv".to_string(),
-            format!("--reuid={user}"),
-            format!("--regid={group}"),
-            "--clear-groups".into(),
-            "busctl".into(),
-            "call".into(),
-            "org.freedesktop.systemd1".into(),
-            "/org/freedesktop/systemd1".into(),
-            "org.freedesktop.systemd1.Manager".into(),
-            method.into(),
-            sig.into(),
+        let mut call = vec![
+            "org.freedesktop.systemd1",
+            "/org/freedesktop/systemd1",
+            "org.freedesktop.systemd1.Manager",
+            method,
+            sig,
         ];
-        argv.extend(args.iter().map(|a| a.to_string()));
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let out = c.exec(&argv)?;
+        call.extend(args.iter().copied());
+        let out = busctl_as(&c, user, group, &call)?;
         let err = String::from_utf8_lossy(&out.stderr);
         ensure!(
             // Our rule's NO is "Access denied"; polkit's default for everyone else is
@@ -462,20 +468,13 @@ fn modules_are_composed_by_systemd_refreshed_atomically_and_detached() -> Result
     // What= or a place outside the composition is refused with the reason, and nothing is
     // mounted; another uid cannot even call it.
     let helper_call = |user: &str, group: &str, args: &[&str]| -> Result<std::process::Output> {
-        let mut argv = vec![
-            "setpriv".to_string(),
-            format!("--reuid={user}"),
-            format!("--regid={group}"),
-            "--clear-groups".into(),
-            "busctl".into(),
-            "call".into(),
-            "com.powernode.MountHelper1".into(),
-            "/com/powernode/MountHelper1".into(),
-            "com.powernode.MountHelper1".into(),
+        let mut call = vec![
+            "com.powernode.MountHelper1",
+            "/com/powernode/MountHelper1",
+            "com.powernode.MountHelper1",
         ];
-        argv.extend(args.iter().map(|a| a.to_string()));
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        c.exec(&argv)
+        call.extend_from_slice(args);
+        busctl_as(&c, user, group, &call)
     };
     let lower = format!("/run/powernode/mounts/lower/{}", "f".repeat(64));
     for (what, r#where, fstype, options, why) in [

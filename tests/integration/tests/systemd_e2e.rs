@@ -569,14 +569,7 @@ fn tasks_run_through_systemd_and_drain_on_stop() -> Result<()> {
 
     // The privilege map (docs/ARCHITECTURE.md §2), from each daemon's uid under the real polkit:
     // no transient unit with a shell of its choosing, no debug shell.
-    for user in [
-        "powernode",
-        "powernode-identity",
-        "powernode-enroll",
-        "powernode-cert",
-        "powernode-events",
-        "powernode-mount",
-    ] {
+    for user in powernode_integration_tests::DAEMON_USERS {
         let as_user = |argv: &[&str]| -> Result<std::process::Output> {
             let mut full = vec![
                 "setpriv",
