@@ -380,6 +380,18 @@ pub struct InFlight {
     /// Kernel boot id when the task started: tells a finished reboot from a crash.
     #[serde(default)]
     pub boot_id: Option<String>,
+    /// The platform accepted our `acknowledge`. Written after the claim, before anything runs:
+    /// an entry without it never ran. Entries from before this field were all claimed.
+    #[serde(default = "claimed_by_default")]
+    pub claimed: bool,
+    /// The `fail` message of a task we decided not to run (or not to run again), written before
+    /// the report is sent: once set, the task is only ever reported, never run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_run: Option<String>,
+}
+
+fn claimed_by_default() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -464,13 +476,19 @@ impl Journal {
 pub enum Recovery {
     /// The platform no longer lists it as open (ended, cancelled or gone): forget it.
     Forget,
-    /// Run it again (idempotent commands).
+    /// Ours and never run (the claim landed, its answer was lost), or idempotent: run it.
     Rerun,
+    /// Still `pending` and never run: our claim did not land. Claim it again, then run it.
+    Claim,
+    /// `running` on the platform: the server's own executor has it (the upstream dispatcher
+    /// moves tasks `pending → running` itself). Never run by the node: forget it here.
+    ServerOwned,
     /// Report it: complete (`Ok`) or fail (`Err`) with this message.
     Report(Result<String, String>),
 }
 
-/// `platform` is the task as the platform has it now, `None` when it answered 404.
+/// `platform` is the task as the platform has it now (`GET status/tasks/:id`), `None` when it
+/// answered 404.
 pub fn recover(entry: &InFlight, platform: Option<&Task>, boot_id: &str) -> Recovery {
     let Some(task) = platform else {
         return Recovery::Forget;
@@ -478,19 +496,37 @@ pub fn recover(entry: &InFlight, platform: Option<&Task>, boot_id: &str) -> Reco
     if task.is_terminal() {
         return Recovery::Forget;
     }
+    if let Some(msg) = &entry.not_run {
+        return Recovery::Report(Err(msg.clone()));
+    }
+    if task.status == "running" {
+        return Recovery::ServerOwned;
+    }
     let parsed = Command::parse(&Task {
         id: task.id.clone(),
         command: entry.command.clone(),
         options: entry.options.clone(),
         status: task.status.clone(),
     });
-    match parsed {
-        Err(e) => Recovery::Report(Err(e.to_string())),
-        Ok(Command::Reboot) if entry.boot_id.as_deref().is_some_and(|b| b != boot_id) => {
+    let cmd = match parsed {
+        Err(e) => return Recovery::Report(Err(e.to_string())),
+        Ok(c) => c,
+    };
+    if !entry.claimed {
+        // Nothing ran: execution only starts after the claim is journaled.
+        return if task.status == "pending" {
+            Recovery::Claim
+        } else {
+            Recovery::Rerun
+        };
+    }
+    match cmd {
+        Command::Reboot if entry.boot_id.as_deref().is_some_and(|b| b != boot_id) => {
             Recovery::Report(Ok("rebooted (new kernel boot id)".into()))
         }
-        Ok(c) if c.idempotent() => Recovery::Rerun,
-        Ok(c) => Recovery::Report(Err(format!(
+        c if c.idempotent() && task.status == "pending" => Recovery::Claim,
+        c if c.idempotent() => Recovery::Rerun,
+        c => Recovery::Report(Err(format!(
             "interrupted: the agent stopped while running {}; not re-run because it is not \
              idempotent",
             command_name(&c)
@@ -650,6 +686,8 @@ mod tests {
             options: Some(json!({"command": "true"})),
             started_at: "2026-11-28T00:00:00Z".into(),
             boot_id: Some("b1".into()),
+            claimed: true,
+            not_run: None,
         };
         j.insert("a", e.clone()).expect("insert");
         j.insert("b", e.clone()).expect("insert");
@@ -686,6 +724,8 @@ mod tests {
             options: Some(options),
             started_at: "2026-11-28T00:00:00Z".into(),
             boot_id: Some("boot-a".into()),
+            claimed: true,
+            not_run: None,
         };
         let open = |status: &str| Task {
             id: "t".into(),
@@ -714,9 +754,49 @@ mod tests {
         ));
         let custom = entry("custom", json!({"command": "rm -rf /tmp/x"}));
         assert!(matches!(
-            recover(&custom, Some(&open("running")), "boot-a"),
+            recover(&custom, Some(&open("acknowledged")), "boot-a"),
             Recovery::Report(Err(m)) if m.contains("interrupted")
         ));
+        // The server's own executor has it: never run here, whatever the command.
+        assert_eq!(
+            recover(&custom, Some(&open("running")), "boot-a"),
+            Recovery::ServerOwned
+        );
+        assert_eq!(
+            recover(&stop, Some(&open("running")), "boot-a"),
+            Recovery::ServerOwned
+        );
+        // Journaled, never claimed (killed before the acknowledge, or its answer lost): it
+        // never ran, so it is claimed again when pending and run when already ours.
+        let unclaimed = InFlight {
+            claimed: false,
+            ..custom.clone()
+        };
+        assert_eq!(
+            recover(&unclaimed, Some(&open("pending")), "boot-a"),
+            Recovery::Claim
+        );
+        assert_eq!(
+            recover(&unclaimed, Some(&open("acknowledged")), "boot-a"),
+            Recovery::Rerun
+        );
+        // Claimed and run, then put back to pending: not run a second time.
+        assert!(matches!(
+            recover(&custom, Some(&open("pending")), "boot-a"),
+            Recovery::Report(Err(m)) if m.contains("not re-run")
+        ));
+        // Once reported as not run, only ever reported again.
+        let reported = InFlight {
+            not_run: Some("interrupted: …".into()),
+            ..custom.clone()
+        };
+        for status in ["pending", "acknowledged", "running"] {
+            assert_eq!(
+                recover(&reported, Some(&open(status)), "boot-a"),
+                Recovery::Report(Err("interrupted: …".into())),
+                "{status}"
+            );
+        }
         let reboot = entry("reboot", json!({}));
         assert!(matches!(
             recover(&reboot, Some(&open("acknowledged")), "boot-b"),

@@ -9,7 +9,7 @@
 //! left: idempotent work stays journaled for the next start; shell commands have their unit
 //! stopped and are reported as interrupted, because nobody would finish them otherwise.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,6 +19,7 @@ use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use powernode::config::TasksConfig;
 use powernode::paths::Paths;
+use powernode::retry::RetryPolicy;
 use powernode::tasks::{
     self, Command, CompleteRequest, Executor, FailRequest, InFlight, Journal, Recovery, Task,
     TaskList,
@@ -60,6 +61,9 @@ enum Ended {
     Skipped,
 }
 
+/// The longest wait between task polls while they keep failing.
+const POLL_BACKOFF_MAX: Duration = Duration::from_secs(600);
+
 type Running<'a> = FuturesUnordered<Pin<Box<dyn Future<Output = (String, Ended)> + 'a>>>;
 
 fn now() -> String {
@@ -84,11 +88,23 @@ impl<E: Executor> TaskLoop<E> {
         let mut running: Running<'_> = FuturesUnordered::new();
         let mut active: BTreeSet<String> = BTreeSet::new();
         let mut first = true;
+        // Polls failed in a row (platform down, or answering 401): back off up to
+        // POLL_BACKOFF_MAX instead of asking every poll_secs.
+        let mut failures: u32 = 0;
+        let backoff = RetryPolicy {
+            initial_delay: Duration::from_secs(self.cfg.poll_secs),
+            max_delay: POLL_BACKOFF_MAX,
+            deadline: Duration::MAX,
+        };
         loop {
+            let regular =
+                Duration::from_secs(self.cfg.poll_secs).mul_f64(0.75 + fastrand::f64() / 2.0);
             let wait = if first {
                 Duration::ZERO
+            } else if failures > 0 {
+                regular.max(backoff.delay(failures, None, fastrand::f64()))
             } else {
-                Duration::from_secs(self.cfg.poll_secs).mul_f64(0.75 + fastrand::f64() / 2.0)
+                regular
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
@@ -100,9 +116,13 @@ impl<E: Executor> TaskLoop<E> {
                 _ = stop.changed() => break,
             }
             first = false;
-            if let Err(e) = self.poll(&journal, &mut running, &mut active).await {
-                tracing::warn!(kind = %e.kind(), error = %e, "task poll failed");
-                self.stats.lock().await.last_error = format!("task poll: {e}");
+            match self.poll(&journal, &mut running, &mut active).await {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(kind = %e.kind(), error = %e, failures, "task poll failed");
+                    self.stats.lock().await.last_error = format!("task poll: {e}");
+                }
             }
         }
         self.drain(&journal, running, &mut active).await;
@@ -126,16 +146,30 @@ impl<E: Executor> TaskLoop<E> {
         active: &mut BTreeSet<String>,
     ) -> powernode::Result<()> {
         let list: TaskList = self.api().await?.get(tasks::PATH_TASKS).await?;
-        let listed: BTreeMap<&str, &Task> = list.tasks.iter().map(|t| (t.id.as_str(), t)).collect();
         let boot_id = sysinfo::boot_id(&self.paths)?;
-        // Journal entries first: what a crash (or a lost report) left behind.
+        // Journal entries first: what a crash (or a lost claim or report) left behind. Each is
+        // decided on the task's own current state, never on the list fetched above, which may
+        // already be stale by the time an entry is resolved.
+        let mut resolved: BTreeSet<String> = BTreeSet::new();
         for (id, entry) in journal.load()? {
             if active.contains(&id) {
                 continue;
             }
-            match tasks::recover(&entry, listed.get(id.as_str()).copied(), &boot_id) {
+            resolved.insert(id.clone());
+            let current = match self.task_state(&id).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(task = %id, error = %e, "cannot read a journaled task's state; keeping it");
+                    continue;
+                }
+            };
+            match tasks::recover(&entry, current.as_ref(), &boot_id) {
                 Recovery::Forget => {
                     tracing::info!(task = %id, "journaled task no longer open on the platform");
+                    journal.remove(&id)?;
+                }
+                Recovery::ServerOwned => {
+                    tracing::info!(task = %id, command = %entry.command, "the platform runs this task itself; not run here");
                     journal.remove(&id)?;
                 }
                 Recovery::Report(r) => {
@@ -146,6 +180,17 @@ impl<E: Executor> TaskLoop<E> {
                         Ok(m) => (true, m),
                         Err(m) => (false, m),
                     };
+                    if !ok {
+                        // Written before the report: whatever happens to it, this task is
+                        // never run again, only reported.
+                        journal.insert(
+                            &id,
+                            InFlight {
+                                not_run: Some(msg.clone()),
+                                ..entry.clone()
+                            },
+                        )?;
+                    }
                     tracing::warn!(task = %id, command = %entry.command, ok, "{msg}");
                     let outcome = if ok {
                         Ok(tasks::Outcome {
@@ -158,8 +203,23 @@ impl<E: Executor> TaskLoop<E> {
                     let ended = self.report(journal, &id, &entry.command, outcome).await;
                     self.finished(active, &id, ended).await;
                 }
+                Recovery::Claim => {
+                    tracing::info!(task = %id, command = %entry.command, "claiming a journaled task whose claim never landed");
+                    let task = Task {
+                        id: id.clone(),
+                        command: entry.command.clone(),
+                        options: entry.options.clone(),
+                        status: "pending".into(),
+                    };
+                    active.insert(id.clone());
+                    running.push(Box::pin(self.claim_and_run(
+                        journal.clone(),
+                        task,
+                        boot_id.clone(),
+                    )));
+                }
                 Recovery::Rerun => {
-                    tracing::info!(task = %id, command = %entry.command, "re-running a task interrupted by a restart");
+                    tracing::info!(task = %id, command = %entry.command, "running a claimed task interrupted by a restart");
                     let task = Task {
                         id: id.clone(),
                         command: entry.command.clone(),
@@ -171,14 +231,13 @@ impl<E: Executor> TaskLoop<E> {
                 }
             }
         }
-        let journaled = journal.load()?;
         for task in &list.tasks {
             if active.len() >= self.cfg.max_concurrent {
                 break;
             }
-            if task.status != "pending"
-                || active.contains(&task.id)
-                || journaled.contains_key(&task.id)
+            // Only `pending` tasks are ours to claim: `running` ones belong to the platform's
+            // own executor, and anything recovery looked at this round is decided already.
+            if task.status != "pending" || active.contains(&task.id) || resolved.contains(&task.id)
             {
                 continue;
             }
@@ -191,6 +250,20 @@ impl<E: Executor> TaskLoop<E> {
             )));
         }
         Ok(())
+    }
+
+    /// `GET status/tasks/:id`: the task now, `None` when the platform no longer has it.
+    async fn task_state(&self, id: &str) -> powernode::Result<Option<Task>> {
+        match self
+            .api()
+            .await?
+            .get::<tasks::TaskEnvelope>(&tasks::path_task(id))
+            .await
+        {
+            Ok(env) => Ok(Some(env.task)),
+            Err(Error::Refused { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Journal, claim, run, report.
@@ -206,13 +279,16 @@ impl<E: Executor> TaskLoop<E> {
             options: task.options.clone(),
             started_at: now(),
             boot_id: Some(boot_id),
+            claimed: false,
+            not_run: None,
         };
-        if let Err(e) = journal.insert(&id, entry) {
+        if let Err(e) = journal.insert(&id, entry.clone()) {
             // Without the journal a crash would strand the claim: do not claim.
             tracing::error!(task = %id, error = %e, "cannot journal the task; not claiming it");
             self.stats.lock().await.last_error = format!("task journal: {e}");
             return (id, Ended::Skipped);
         }
+        powernode::fault::point("task-journaled");
         let ack: powernode::Result<Value> = match self.api().await {
             Ok(c) => {
                 c.post(&tasks::path_action(&id, "acknowledge"), &json!({}))
@@ -221,7 +297,18 @@ impl<E: Executor> TaskLoop<E> {
             Err(e) => Err(e),
         };
         match ack {
-            Ok(_) => {}
+            Ok(_) => {
+                // Ours now. Recorded before anything runs, so a restart knows it may have run.
+                let claimed = InFlight {
+                    claimed: true,
+                    ..entry
+                };
+                if let Err(e) = journal.insert(&id, claimed) {
+                    tracing::error!(task = %id, error = %e, "cannot journal the claim; not running the task");
+                    self.stats.lock().await.last_error = format!("task journal: {e}");
+                    return (id, Ended::Journaled);
+                }
+            }
             Err(Error::Refused { status: 409, .. }) | Err(Error::Refused { status: 404, .. }) => {
                 tracing::info!(task = %id, "task claimed elsewhere or gone; skipping");
                 if let Err(e) = journal.remove(&id) {

@@ -136,6 +136,12 @@ enum TaskCommand {
         state: PathBuf,
         id: String,
     },
+    /// Move a pending task to `running` as the upstream server's own executor does.
+    Dispatch {
+        #[arg(long = "state")]
+        state: PathBuf,
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -315,6 +321,9 @@ fn task_command(command: TaskCommand) -> Result<()> {
         }
         TaskCommand::Cancel { state, id } => {
             println!("{}", serde_json::to_string(&tasks::cancel(&state, &id)?)?);
+        }
+        TaskCommand::Dispatch { state, id } => {
+            println!("{}", serde_json::to_string(&tasks::dispatch(&state, &id)?)?);
         }
     }
     Ok(())

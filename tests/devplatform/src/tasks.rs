@@ -176,6 +176,25 @@ pub fn cancel(state: &Path, id: &str) -> Result<Task> {
     })
 }
 
+/// Admin: what the upstream server's own executor does with a new task: take it
+/// (`pending → running`) and run it server-side. The node must leave such a task alone.
+pub fn dispatch(state: &Path, id: &str) -> Result<Task> {
+    Store::open(state)?.transact(|s| {
+        let t = s
+            .tasks
+            .get_mut(id)
+            .with_context(|| format!("no task {id:?}"))?;
+        anyhow::ensure!(
+            t.status == PENDING,
+            "task {id} is {}, not pending",
+            t.status
+        );
+        t.status = RUNNING.to_owned();
+        t.event("dispatched", "Taken by the server's own executor", now());
+        Ok((t.clone(), Outcome::Changed))
+    })
+}
+
 /// Admin: every task, oldest first, optionally of one instance.
 pub fn list_all(state: &Path, instance: Option<&str>) -> Result<Vec<Task>> {
     let s = Store::open(state)?.read()?;

@@ -287,6 +287,11 @@ impl DevPlatform {
         ])?)?)
     }
 
+    /// Take task `id` as the upstream server's own executor would (`pending → running`).
+    pub fn dispatch_task(&self, id: &str) -> Result<Value> {
+        Ok(serde_json::from_str(&self.cli(&["task", "dispatch", id])?)?)
+    }
+
     /// Every task of `instance`, oldest first, as the store has them.
     pub fn tasks(&self, instance: &str) -> Result<Vec<Value>> {
         Ok(serde_json::from_str(&self.cli(&[

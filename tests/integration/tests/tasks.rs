@@ -277,7 +277,7 @@ fn a_crash_after_the_claim_is_recovered_from_the_journal() -> Result<()> {
     assert_eq!(done["status"], "complete", "{done}");
     assert!(
         b.log()
-            .contains("re-running a task interrupted by a restart")
+            .contains("running a claimed task interrupted by a restart")
     );
     drop(b);
 
@@ -299,6 +299,113 @@ fn a_crash_after_the_claim_is_recovered_from_the_journal() -> Result<()> {
     );
     let j = journal(root.path())?;
     assert_eq!(j["inflight"], json!({}), "journal drained: {j}");
+    Ok(())
+}
+
+/// How many times the platform recorded a claim of `task`.
+fn claims(task: &Value) -> usize {
+    task["events"].as_array().map_or(0, |e| {
+        e.iter().filter(|e| e["type"] == "acknowledged").count()
+    })
+}
+
+/// Killed between the journal write and the acknowledge: the task never ran and is still
+/// pending. The next start claims it once and runs it once — not run unclaimed, not twice.
+#[test]
+fn a_task_journaled_but_never_claimed_is_claimed_then_run_once() -> Result<()> {
+    let platform = DevPlatform::start(&[])?;
+    let (root, id) = platform.enrolled_node("pn-tasks-unclaimed-")?;
+    configure(root.path())?;
+    let t = platform.enqueue_task(&id, "provision", &json!({}))?;
+    let tid = t["id"].as_str().context("id")?.to_string();
+    let mut a = Agent::start(root.path(), "crash", Some("task-journaled"))?;
+    ensure!(
+        !a.wait_exit(WAIT)?.success(),
+        "the fault point must kill the agent"
+    );
+    let j = journal(root.path())?;
+    ensure!(j["inflight"][&tid]["claimed"] == false, "{j}");
+    let stored = platform.tasks(&id)?;
+    let stored = stored
+        .iter()
+        .find(|x| x["id"] == tid.as_str())
+        .context("task")?;
+    ensure!(stored["status"] == "pending", "{stored}");
+    drop(a);
+
+    let b = Agent::start(root.path(), "recover", None)?;
+    let done = platform
+        .wait_task(&id, &tid, WAIT)
+        .with_context(|| b.log())?;
+    ensure!(done["status"] == "complete", "{done}");
+    ensure!(
+        b.log()
+            .contains("claiming a journaled task whose claim never landed"),
+        "{}",
+        b.log()
+    );
+    let stored = platform.tasks(&id)?;
+    let stored = stored
+        .iter()
+        .find(|x| x["id"] == tid.as_str())
+        .context("task")?;
+    ensure!(
+        claims(stored) == 1,
+        "claimed {} times: {stored}",
+        claims(stored)
+    );
+    ensure!(journal(root.path())?["inflight"] == json!({}));
+    Ok(())
+}
+
+/// Tasks the platform's own executor took (`running`) are the platform's: the node never
+/// claims or runs them, whether it sees them first in the list or in its journal.
+#[test]
+fn tasks_the_server_runs_are_never_run_by_the_node() -> Result<()> {
+    let platform = DevPlatform::start(&[])?;
+    let (root, id) = platform.enrolled_node("pn-tasks-server-")?;
+    configure(root.path())?;
+    // Seen first in the list.
+    let listed = platform.enqueue_task(&id, "provision", &json!({}))?;
+    let listed_id = listed["id"].as_str().context("id")?.to_string();
+    platform.dispatch_task(&listed_id)?;
+    // Journaled (the agent was killed before its claim), then taken by the server.
+    let journaled = platform.enqueue_task(&id, "provision", &json!({}))?;
+    let journaled_id = journaled["id"].as_str().context("id")?.to_string();
+    let mut a = Agent::start(root.path(), "crash", Some("task-journaled"))?;
+    ensure!(
+        !a.wait_exit(WAIT)?.success(),
+        "the fault point must kill the agent"
+    );
+    drop(a);
+    platform.dispatch_task(&journaled_id)?;
+
+    let b = Agent::start(root.path(), "watch", None)?;
+    let deadline = Instant::now() + WAIT;
+    while !b.log().contains("the platform runs this task itself") {
+        ensure!(
+            Instant::now() < deadline,
+            "journal entry not resolved:\n{}",
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A few more polls (poll_secs = 1) to give a wrong claim every chance.
+    std::thread::sleep(Duration::from_secs(3));
+    for tid in [&listed_id, &journaled_id] {
+        let stored = platform.tasks(&id)?;
+        let t = stored
+            .iter()
+            .find(|x| x["id"] == tid.as_str())
+            .context("task")?;
+        ensure!(
+            t["status"] == "running" && claims(t) == 0,
+            "{t}\n{}",
+            b.log()
+        );
+    }
+    ensure!(journal(root.path())?["inflight"] == json!({}));
+    ensure!(b.prop("TasksCompleted")? == json!(0), "{}", b.log());
     Ok(())
 }
 
