@@ -1,9 +1,10 @@
 //! powernode-identityd: answers "who is this node?" on `com.powernode.Identity1`.
 //!
-//! D-Bus activated. The bus name is owned at once and discovery runs in the background (the
-//! cloud probes take up to the 2 s cascade deadline, claim polling waits for a human), so
-//! properties answer immediately and `Resolve()` waits for the running discovery rather than
-//! starting a second one. The result lives in `/run/powernode/identity.json` (0600, it holds the
+//! D-Bus activated. The bus name is owned at once; discovery starts with the first `Resolve()`
+//! (being started by the bus, which anyone may ask for, does nothing) and runs in the
+//! background (the cloud probes take up to the 2 s cascade deadline, claim polling waits for a
+//! human), so properties answer immediately and a second `Resolve()` waits for the running
+//! discovery rather than starting another. The result lives in `/run/powernode/identity.json` (0600, it holds the
 //! bootstrap token); only public facts are properties. Once enrolled, a restart never re-runs
 //! network discovery (see `powernode::identity::obtain`). Exits after `daemon.idle_exit_secs`
 //! without calls, never while a discovery is running.
@@ -296,7 +297,9 @@ pub async fn run(paths: Paths, cfg: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("owning {IDENTITY_NAME} on the system bus"))?;
     *shared.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
-    shared.kick();
+    // No discovery until a caller the bus policy lets through asks (`Resolve()`): anyone may
+    // have the bus start this service (StartServiceByName), and that alone must not probe
+    // metadata services or print a claim banner.
     idle.touch();
     systemd::ready("serving com.powernode.Identity1");
     loop {

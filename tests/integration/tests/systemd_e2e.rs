@@ -56,6 +56,62 @@ fn node_tree(
     Ok(tree)
 }
 
+/// Anyone may ask the bus to start a service by name (StartServiceByName is not covered by
+/// the destination's policy). Being started must cost nothing: no discovery, no claim banner,
+/// no identity written — only an authorised caller's method call
+/// does that.
+#[test]
+fn activation_by_anyone_has_no_side_effects() -> Result<()> {
+    let platform = DevPlatform::start(&[])?;
+    let token = platform.token(None)?;
+    let tree = node_tree("pn-e2e-activate-", &platform, &token)?;
+    let c = Container::boot(
+        &Image::bookworm()?,
+        &BootOptions {
+            overlay_tree: Some(tree.path().to_path_buf()),
+            ..BootOptions::default()
+        },
+    )?;
+    c.wait_running()?;
+    for name in [
+        "com.powernode.Identity1",
+        "com.powernode.Enroll1",
+        "com.powernode.Cert1",
+        "com.powernode.Mount1",
+    ] {
+        // The answer does not matter (started, or refused): what happens next does.
+        c.exec(&[
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "busctl",
+            "call",
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "StartServiceByName",
+            "su",
+            name,
+            "0",
+        ])?;
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    let journal = c.journal("powernode-identityd.service")?;
+    ensure!(
+        !journal.contains("identity resolved") && !journal.contains("identity resolution failed"),
+        "activation alone ran discovery:\n{journal}"
+    );
+    ensure!(
+        !c.exec(&["test", "-e", "/run/powernode/identity/identity.json"])?
+            .status
+            .success(),
+        "activation alone wrote identity.json"
+    );
+    c.poweroff()?;
+    Ok(())
+}
+
 #[test]
 fn node_enrolls_and_heartbeats_under_systemd() -> Result<()> {
     let platform = DevPlatform::start(&["--next-poll-seconds", "2"])?;
