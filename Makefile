@@ -21,7 +21,7 @@ DEB_PACKAGES := debootstrap systemd-container dbus util-linux passwd socat pkg-c
 	qemu-system-x86 busybox-static cpio kmod binutils e2fsprogs docker-registry erofs-utils fsverity \
 	dracut-core dracut-network zstd
 
-.PHONY: all deps build image vm-assets initramfs lint test vm-test demo bench clean-images
+.PHONY: all deps build image vm-assets initramfs lint test vm-test demo bench clean-images fuzz
 
 all: build
 
@@ -94,6 +94,20 @@ bench:
 	@$(MAKE) --no-print-directory image
 	@$(MAKE) --no-print-directory vm-assets
 	@CARGO="$(CARGO)" bash tests/bench/run.sh $(SECTIONS)
+
+# cargo-fuzz targets (fuzz/, its own workspace): each runs FUZZ_SECONDS on a corpus seeded from
+# the fixtures (fuzz/seed.sh); a crash stops the run and fails (the input is kept under
+# fuzz/artifacts/<target>/). libFuzzer needs unstable rustc flags: nightly when rustup has it,
+# else RUSTC_BOOTSTRAP=1 on the stable toolchain. CI does not run it.
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?= bundle x509_der rfc3161 manifest event_record
+fuzz:
+	@$(CARGO) fuzz --version >/dev/null 2>&1 || { echo "fuzz: installing cargo-fuzz"; $(CARGO) install --locked cargo-fuzz; }
+	bash fuzz/seed.sh
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		echo "fuzz: $$t for $(FUZZ_SECONDS) s"; \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
+	done
 
 clean-images:
 	rm -rf --one-file-system build/images

@@ -1,4 +1,10 @@
 //! Sigstore bundles v0.1/v0.2/v0.3 (protobuf JSON), both media type spellings.
+//!
+//! The parse is strict where the protobuf schema is: each oneof (the signed content, the
+//! verification material) holds exactly one member, and the media type must match the content
+//! (v0.1 and v0.2 have no single `certificate`, v0.3 no `x509CertificateChain`; v0.1 entries
+//! carry a signed entry timestamp, v0.2+ entries an inclusion proof). What one bundle may cost
+//! to verify is capped before any signature is checked (see the `MAX_*` constants).
 
 use serde_json::Value;
 
@@ -97,6 +103,22 @@ pub struct Bundle {
     pub content: Content,
 }
 
+/// Largest bundle accepted, in bytes. Conformance and module bundles weigh 3–20 KiB; the bulk of
+/// a large one is a DSSE payload (an in-toto statement), which 4 MiB still holds while keeping
+/// the JSON tree one bundle can make the parser build small.
+pub const MAX_BUNDLE_BYTES: usize = 4 << 20;
+/// Most RFC 3161 timestamps accepted. Each costs a CMS parse and a signature check against
+/// every trusted TSA (≈ 2 ms); signers attach one, rarely two.
+pub const MAX_TIMESTAMPS: usize = 32;
+/// Most transparency-log entries accepted (verification itself needs exactly one).
+pub const MAX_TLOG_ENTRIES: usize = 8;
+/// Longest `x509CertificateChain` accepted (Fulcio: leaf, intermediate, root).
+pub const MAX_CHAIN_CERTIFICATES: usize = 8;
+/// Most DSSE signatures accepted (verification itself needs exactly one).
+pub const MAX_DSSE_SIGNATURES: usize = 8;
+/// Most hashes in one inclusion proof: a tree of 2^64 leaves needs 64.
+pub const MAX_PROOF_HASHES: usize = 64;
+
 fn berr(msg: impl Into<String>) -> VerifyError {
     VerifyError::new(VerifyErrorKind::Bundle, msg)
 }
@@ -124,6 +146,42 @@ fn int(v: &Value, field: &str) -> Result<Option<i64>, VerifyError> {
 
 fn bytes(v: &Value, field: &str) -> Result<Vec<u8>, VerifyError> {
     b64(field, s(v, field)?).map_err(|e| berr(format!("bundle: {e}")))
+}
+
+/// The members of a protobuf oneof present in `v` (a JSON `null` counts as absent); more than
+/// one is refused.
+fn one_of<'a>(
+    v: &'a Value,
+    what: &str,
+    members: &[&'static str],
+) -> Result<Option<(&'static str, &'a Value)>, VerifyError> {
+    let present: Vec<(&'static str, &'a Value)> = members
+        .iter()
+        .filter_map(|m| v.get(*m).filter(|x| !x.is_null()).map(|x| (*m, x)))
+        .collect();
+    match present.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(*one)),
+        [(a, _), (b, _), ..] => Err(berr(format!(
+            "bundle carries more than one {what} (`{a}` and `{b}`); exactly one is allowed"
+        ))),
+    }
+}
+
+/// The array in `v[field]` (absent = empty), refused beyond `max` elements.
+fn capped_array<'a>(v: &'a Value, field: &str, max: usize) -> Result<&'a [Value], VerifyError> {
+    let items = match v.get(field) {
+        None | Some(Value::Null) => return Ok(&[]),
+        Some(Value::Array(a)) => a.as_slice(),
+        Some(_) => return Err(berr(format!("bundle: `{field}` is not a list"))),
+    };
+    if items.len() > max {
+        return Err(berr(format!(
+            "bundle has {} `{field}`, more than the {max} accepted",
+            items.len()
+        )));
+    }
+    Ok(items)
 }
 
 /// Minor version from a bundle media type, or an error for unknown ones.
@@ -173,20 +231,14 @@ fn parse_entry(t: &Value) -> Result<TlogEntry, VerifyError> {
     let proof = match t.get("inclusionProof") {
         None | Some(Value::Null) => None,
         Some(p) => {
-            let hashes = p
-                .get("hashes")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .map(|h| {
-                            h.as_str()
-                                .ok_or_else(|| berr("inclusion proof hash is not a string"))
-                                .and_then(|h| b64("inclusion proof hash", h))
-                        })
-                        .collect::<Result<Vec<_>, _>>()
+            let hashes = capped_array(p, "hashes", MAX_PROOF_HASHES)?
+                .iter()
+                .map(|h| {
+                    h.as_str()
+                        .ok_or_else(|| berr("inclusion proof hash is not a string"))
+                        .and_then(|h| b64("inclusion proof hash", h))
                 })
-                .transpose()?
-                .unwrap_or_default();
+                .collect::<Result<Vec<_>, _>>()?;
             let log_index = int(p, "logIndex")?.unwrap_or(0);
             let tree_size =
                 int(p, "treeSize")?.ok_or_else(|| berr("inclusion proof without treeSize"))?;
@@ -221,77 +273,99 @@ fn parse_entry(t: &Value) -> Result<TlogEntry, VerifyError> {
 
 impl Bundle {
     pub fn from_json(data: &[u8]) -> Result<Bundle, VerifyError> {
+        if data.len() > MAX_BUNDLE_BYTES {
+            return Err(berr(format!(
+                "bundle is {} bytes, more than the {MAX_BUNDLE_BYTES} accepted",
+                data.len()
+            )));
+        }
         let v: Value = serde_json::from_slice(data)
             .map_err(|e| berr(format!("bundle is not valid JSON: {e}")))?;
         let minor = media_type_minor(s(&v, "mediaType")?)?;
         let vm = v
             .get("verificationMaterial")
             .ok_or_else(|| berr("bundle has no verificationMaterial"))?;
-        let material = if let Some(chain) = vm.get("x509CertificateChain") {
-            let certs = chain
-                .get("certificates")
-                .and_then(Value::as_array)
-                .map(|a| a.iter().map(cert).collect::<Result<Vec<_>, _>>())
-                .transpose()?
-                .unwrap_or_default();
-            if certs.is_empty() {
-                return Err(berr("bundle's certificate chain is empty"));
+        let material = match one_of(
+            vm,
+            "kind of verification material",
+            &["x509CertificateChain", "certificate", "publicKey"],
+        )? {
+            Some(("x509CertificateChain", chain)) => {
+                if minor >= 3 {
+                    return Err(berr(
+                        "a v0.3 bundle carries a single `certificate`, not an `x509CertificateChain`",
+                    ));
+                }
+                let certs = capped_array(chain, "certificates", MAX_CHAIN_CERTIFICATES)?
+                    .iter()
+                    .map(cert)
+                    .collect::<Result<Vec<_>, _>>()?;
+                if certs.is_empty() {
+                    return Err(berr("bundle's certificate chain is empty"));
+                }
+                Material::Certificates(certs)
             }
-            Material::Certificates(certs)
-        } else if let Some(c) = vm.get("certificate") {
-            Material::Certificates(vec![cert(c)?])
-        } else if let Some(k) = vm.get("publicKey") {
-            Material::PublicKey {
+            Some(("certificate", c)) => {
+                if minor < 3 {
+                    return Err(berr(format!(
+                        "a v0.{minor} bundle has no single `certificate` (it came with v0.3)"
+                    )));
+                }
+                Material::Certificates(vec![cert(c)?])
+            }
+            Some((_, k)) => Material::PublicKey {
                 hint: k.get("hint").and_then(Value::as_str).map(str::to_string),
-            }
-        } else {
-            return Err(berr("bundle has no certificate or public key"));
+            },
+            None => return Err(berr("bundle has no certificate or public key")),
         };
-        let tlog_entries = vm
-            .get("tlogEntries")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().map(parse_entry).collect::<Result<Vec<_>, _>>())
-            .transpose()?
-            .unwrap_or_default();
-        let rfc3161_timestamps = vm
-            .get("timestampVerificationData")
-            .and_then(|t| t.get("rfc3161Timestamps"))
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .map(|t| bytes(t, "signedTimestamp"))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .transpose()?
-            .unwrap_or_default();
-        let content = if let Some(ms) = v.get("messageSignature") {
-            let (alg, digest) = match ms.get("messageDigest") {
-                Some(d) => (s(d, "algorithm")?.to_string(), bytes(d, "digest")?),
-                None => (String::new(), Vec::new()),
-            };
-            Content::Message {
-                digest_algorithm: alg,
-                digest,
-                signature: bytes(ms, "signature")?,
+        let tlog_entries = capped_array(vm, "tlogEntries", MAX_TLOG_ENTRIES)?
+            .iter()
+            .map(parse_entry)
+            .collect::<Result<Vec<_>, _>>()?;
+        for e in &tlog_entries {
+            if minor == 1 && e.signed_entry_timestamp.is_none() {
+                return Err(berr(
+                    "a v0.1 bundle's tlog entry must carry an inclusion promise (signed entry timestamp)",
+                ));
             }
-        } else if let Some(env) = v.get("dsseEnvelope") {
-            let signatures = env
-                .get("signatures")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .map(|x| bytes(x, "sig"))
-                        .collect::<Result<Vec<_>, _>>()
+            if minor >= 2 && e.inclusion_proof.is_none() {
+                return Err(VerifyError::new(
+                    VerifyErrorKind::Tlog,
+                    format!("a v0.{minor} bundle's tlog entry must carry an inclusion proof"),
+                ));
+            }
+        }
+        let rfc3161_timestamps = match vm.get("timestampVerificationData") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(t) => capped_array(t, "rfc3161Timestamps", MAX_TIMESTAMPS)?
+                .iter()
+                .map(|t| bytes(t, "signedTimestamp"))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        let content = match one_of(&v, "signed content", &["messageSignature", "dsseEnvelope"])? {
+            Some(("messageSignature", ms)) => {
+                let (alg, digest) = match ms.get("messageDigest") {
+                    Some(d) => (s(d, "algorithm")?.to_string(), bytes(d, "digest")?),
+                    None => (String::new(), Vec::new()),
+                };
+                Content::Message {
+                    digest_algorithm: alg,
+                    digest,
+                    signature: bytes(ms, "signature")?,
+                }
+            }
+            Some((_, env)) => {
+                let signatures = capped_array(env, "signatures", MAX_DSSE_SIGNATURES)?
+                    .iter()
+                    .map(|x| bytes(x, "sig"))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Content::Dsse(Envelope {
+                    payload_type: s(env, "payloadType")?.to_string(),
+                    payload: bytes(env, "payload")?,
+                    signatures,
                 })
-                .transpose()?
-                .unwrap_or_default();
-            Content::Dsse(Envelope {
-                payload_type: s(env, "payloadType")?.to_string(),
-                payload: bytes(env, "payload")?,
-                signatures,
-            })
-        } else {
-            return Err(berr("bundle has neither messageSignature nor dsseEnvelope"));
+            }
+            None => return Err(berr("bundle has neither messageSignature nor dsseEnvelope")),
         };
         Ok(Bundle {
             minor,

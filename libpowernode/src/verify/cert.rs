@@ -1,7 +1,14 @@
-//! X.509 certificates: a small parser, chain verification against trust-root chains, Fulcio
+//! X.509 certificates: parsed with x509-parser (strict DER, every extension decoded), owned
+//! for the trust root and the bundle; chain verification against trust-root chains, Fulcio
 //! identity extraction and embedded SCT verification (RFC 6962).
+//!
+//! RFC 5280 §4.2: a certificate carrying a critical extension this verifier does not evaluate
+//! is refused at parse time ([`KNOWN_CRITICAL`]).
 
-use super::der::{self, Tlv};
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use super::der;
 use super::keys::{Hash, PublicKey};
 use super::trust_root::TransparencyLog;
 use super::{VerifyError, VerifyErrorKind};
@@ -10,16 +17,34 @@ pub const OID_SAN: &str = "2.5.29.17";
 pub const OID_BASIC_CONSTRAINTS: &str = "2.5.29.19";
 pub const OID_KEY_USAGE: &str = "2.5.29.15";
 pub const OID_EKU: &str = "2.5.29.37";
+pub const OID_SUBJECT_KEY_ID: &str = "2.5.29.14";
+pub const OID_AUTHORITY_KEY_ID: &str = "2.5.29.35";
 pub const OID_EKU_CODE_SIGNING: &str = "1.3.6.1.5.5.7.3.3";
 pub const OID_EKU_TIME_STAMPING: &str = "1.3.6.1.5.5.7.3.8";
 pub const OID_FULCIO_ISSUER_V2: &str = "1.3.6.1.4.1.57264.1.8";
 pub const OID_FULCIO_ISSUER_V1: &str = "1.3.6.1.4.1.57264.1.1";
 pub const OID_SCT_LIST: &str = "1.3.6.1.4.1.11129.2.4.2";
 
+/// Extensions this verifier understands, and so may accept when marked critical: the ones it
+/// evaluates (basic constraints, key usage, EKU, SAN, the SCT list, the Fulcio issuer) and the
+/// key identifiers, which only name keys. Any other critical extension refuses the certificate.
+pub const KNOWN_CRITICAL: &[&str] = &[
+    OID_BASIC_CONSTRAINTS,
+    OID_KEY_USAGE,
+    OID_EKU,
+    OID_SAN,
+    OID_SUBJECT_KEY_ID,
+    OID_AUTHORITY_KEY_ID,
+    OID_SCT_LIST,
+    OID_FULCIO_ISSUER_V1,
+    OID_FULCIO_ISSUER_V2,
+];
+
 /// One extension.
 #[derive(Debug, Clone)]
 pub struct Extension {
-    pub oid: Vec<u8>,
+    /// Dotted OID.
+    pub oid: String,
     pub critical: bool,
     /// Content of extnValue (the OCTET STRING's content).
     pub value: Vec<u8>,
@@ -30,118 +55,134 @@ pub struct Extension {
 pub struct Certificate {
     pub der: Vec<u8>,
     pub tbs: Vec<u8>,
-    sig_alg: Vec<u8>,
+    /// Dotted OID of the signature algorithm.
+    sig_alg: String,
     signature: Vec<u8>,
+    /// Content octets of the serial number INTEGER.
     pub serial: Vec<u8>,
+    /// DER of the issuer Name.
     pub issuer: Vec<u8>,
+    /// DER of the subject Name.
     pub subject: Vec<u8>,
     pub not_before: i64,
     pub not_after: i64,
     pub spki: Vec<u8>,
     pub extensions: Vec<Extension>,
+    /// The subjectKeyIdentifier, if present.
+    pub subject_key_id: Option<Vec<u8>>,
+    ca: bool,
+    /// `None` without a KeyUsage extension.
+    digital_signature: Option<bool>,
+    /// Dotted EKU OIDs.
+    ekus: Vec<String>,
+    sans: Vec<String>,
 }
 
 fn cert_err(msg: impl Into<String>) -> VerifyError {
     VerifyError::new(VerifyErrorKind::Certificate, msg)
 }
 
-fn parse_time(t: &Tlv<'_>) -> Result<i64, VerifyError> {
-    match t.tag {
-        der::GENERALIZED_TIME => der::generalized_time(t.value),
-        0x17 => {
-            // UTCTime YYMMDDHHMMSSZ
-            if t.value.len() != 13 {
-                return Err(cert_err("unsupported UTCTime form"));
-            }
-            let yy: i64 = std::str::from_utf8(&t.value[..2])
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| cert_err("bad UTCTime"))?;
-            let century = if yy >= 50 { b"19" } else { b"20" };
-            let mut full = century.to_vec();
-            full.extend_from_slice(t.value);
-            der::generalized_time(&full)
-        }
-        _ => Err(cert_err("bad certificate time")),
-    }
+/// The UTF-8 string inside a SAN otherName value (`[0] EXPLICIT UTF8String`).
+fn other_name_string(value: &[u8]) -> Option<String> {
+    let wrapped = der::read_all(value).ok()?;
+    let inner = if wrapped.tag == 0xa0 {
+        der::read_all(wrapped.value).ok()?
+    } else {
+        wrapped
+    };
+    std::str::from_utf8(inner.value).ok().map(str::to_string)
 }
 
 impl Certificate {
     pub fn from_der(bytes: &[u8]) -> Result<Certificate, VerifyError> {
-        let outer = der::read_all(bytes).map_err(|e| cert_err(format!("certificate: {e}")))?;
-        let parts = der::children(outer.value)?;
-        let [tbs, sig_alg, sig] = parts.as_slice() else {
-            return Err(cert_err("certificate does not have three parts"));
-        };
-        let (sig_oid, _) = der::expect(sig_alg.value, der::OID)?;
-        let (&unused, sig_bytes) = sig
-            .value
-            .split_first()
-            .ok_or_else(|| cert_err("empty certificate signature"))?;
-        if sig.tag != 0x03 || unused != 0 {
-            return Err(cert_err("bad certificate signature bit string"));
+        let (rest, x) = X509Certificate::from_der(bytes)
+            .map_err(|e| cert_err(format!("certificate does not parse: {e}")))?;
+        if !rest.is_empty() {
+            return Err(cert_err("certificate: trailing data"));
         }
-        let mut fields = der::children(tbs.value)?.into_iter().peekable();
-        if fields.peek().map(|f| f.tag) == Some(0xa0) {
-            fields.next();
-        }
-        let mut next = |what: &str| {
-            fields
-                .next()
-                .ok_or_else(|| cert_err(format!("TBS lacks {what}")))
-        };
-        let serial = next("serial")?;
-        let _alg = next("signature algorithm")?;
-        let issuer = next("issuer")?;
-        let validity = next("validity")?;
-        let subject = next("subject")?;
-        let spki = next("subjectPublicKeyInfo")?;
-        let times = der::children(validity.value)?;
-        let [nb, na] = times.as_slice() else {
-            return Err(cert_err("bad validity"));
-        };
+        let tbs = &x.tbs_certificate;
         let mut extensions = Vec::new();
-        for f in fields {
-            if f.tag != 0xa3 {
-                continue;
+        let mut ca = false;
+        let mut digital_signature = None;
+        let mut ekus = Vec::new();
+        let mut sans = Vec::new();
+        let mut subject_key_id = None;
+        for ext in tbs.extensions() {
+            let oid = ext.oid.to_id_string();
+            if ext.critical && !KNOWN_CRITICAL.contains(&oid.as_str()) {
+                return Err(cert_err(format!(
+                    "certificate carries an unknown critical extension {oid}"
+                )));
             }
-            let (seq, _) = der::expect(f.value, der::SEQUENCE)?;
-            for ext in der::children(seq.value)? {
-                let (oid, rest) = der::expect(ext.value, der::OID)?;
-                let (mut t, mut rest) = der::read(rest)?;
-                let mut critical = false;
-                if t.tag == 0x01 {
-                    critical = t.value.first().copied().unwrap_or(0) != 0;
-                    (t, rest) = der::read(rest)?;
+            match ext.parsed_extension() {
+                ParsedExtension::ParseError { error } => {
+                    return Err(cert_err(format!(
+                        "certificate extension {oid} is malformed: {error}"
+                    )));
                 }
-                if t.tag != der::OCTET_STRING || !rest.is_empty() {
-                    return Err(cert_err("bad extension"));
+                ParsedExtension::BasicConstraints(bc) => ca = bc.ca,
+                ParsedExtension::KeyUsage(ku) => {
+                    digital_signature = Some(ku.digital_signature());
                 }
-                extensions.push(Extension {
-                    oid: oid.value.to_vec(),
-                    critical,
-                    value: t.value.to_vec(),
-                });
+                ParsedExtension::ExtendedKeyUsage(eku) => {
+                    let named = [
+                        (eku.code_signing, OID_EKU_CODE_SIGNING),
+                        (eku.time_stamping, OID_EKU_TIME_STAMPING),
+                    ];
+                    ekus.extend(
+                        named
+                            .iter()
+                            .filter(|(set, _)| *set)
+                            .map(|(_, o)| (*o).to_string()),
+                    );
+                    ekus.extend(eku.other.iter().map(|o| o.to_id_string()));
+                }
+                ParsedExtension::SubjectAlternativeName(san) => {
+                    for name in &san.general_names {
+                        match name {
+                            GeneralName::RFC822Name(s)
+                            | GeneralName::DNSName(s)
+                            | GeneralName::URI(s) => sans.push((*s).to_string()),
+                            GeneralName::OtherName(_, v) => {
+                                sans.extend(other_name_string(v));
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                ParsedExtension::SubjectKeyIdentifier(id) => {
+                    subject_key_id = Some(id.0.to_vec());
+                }
+                _ => {}
             }
+            extensions.push(Extension {
+                oid,
+                critical: ext.critical,
+                value: ext.value.to_vec(),
+            });
         }
         Ok(Certificate {
             der: bytes.to_vec(),
-            tbs: tbs.raw.to_vec(),
-            sig_alg: sig_oid.value.to_vec(),
-            signature: sig_bytes.to_vec(),
-            serial: serial.value.to_vec(),
-            issuer: issuer.raw.to_vec(),
-            subject: subject.raw.to_vec(),
-            not_before: parse_time(nb)?,
-            not_after: parse_time(na)?,
-            spki: spki.raw.to_vec(),
+            tbs: tbs.as_ref().to_vec(),
+            sig_alg: x.signature_algorithm.algorithm.to_id_string(),
+            signature: x.signature_value.data.to_vec(),
+            serial: tbs.raw_serial().to_vec(),
+            issuer: tbs.issuer.as_raw().to_vec(),
+            subject: tbs.subject.as_raw().to_vec(),
+            not_before: tbs.validity.not_before.timestamp(),
+            not_after: tbs.validity.not_after.timestamp(),
+            spki: tbs.subject_pki.raw.to_vec(),
             extensions,
+            subject_key_id,
+            ca,
+            digital_signature,
+            ekus,
+            sans,
         })
     }
 
     pub fn extension(&self, dotted: &str) -> Option<&Extension> {
-        let oid = der::oid_bytes(dotted);
-        self.extensions.iter().find(|e| e.oid == oid)
+        self.extensions.iter().find(|e| e.oid == dotted)
     }
 
     pub fn public_key(&self) -> Result<PublicKey, VerifyError> {
@@ -169,7 +210,7 @@ impl Certificate {
             ("1.3.101.112", Hash::Sha512),
         ]
         .into_iter()
-        .find(|(o, _)| der::oid_bytes(o) == self.sig_alg)
+        .find(|(o, _)| *o == self.sig_alg)
         .map(|(_, h)| h)
         .ok_or_else(|| VerifyError::unsupported("certificate signature algorithm"))?;
         issuer
@@ -179,77 +220,22 @@ impl Certificate {
     }
 
     pub fn is_ca(&self) -> bool {
-        let Some(ext) = self.extension(OID_BASIC_CONSTRAINTS) else {
-            return false;
-        };
-        der::read_all(&ext.value)
-            .ok()
-            .and_then(|seq| der::children(seq.value).ok())
-            .and_then(|c| {
-                c.first()
-                    .map(|f| f.tag == 0x01 && f.value.first() == Some(&0xff))
-            })
-            .unwrap_or(false)
+        self.ca
     }
 
     /// True if the certificate has an EKU extension containing `dotted`.
     pub fn has_eku(&self, dotted: &str) -> bool {
-        let want = der::oid_bytes(dotted);
-        self.extension(OID_EKU)
-            .and_then(|e| der::read_all(&e.value).ok().map(|s| s.value.to_vec()))
-            .and_then(|v| {
-                der::children(&v)
-                    .ok()
-                    .map(|c| c.iter().any(|o| o.value == want))
-            })
-            .unwrap_or(false)
+        self.ekus.iter().any(|e| e == dotted)
     }
 
     /// False only if a KeyUsage extension is present without digitalSignature.
     pub fn allows_digital_signature(&self) -> bool {
-        let Some(ext) = self.extension(OID_KEY_USAGE) else {
-            return true;
-        };
-        der::read_all(&ext.value)
-            .ok()
-            .filter(|b| b.tag == 0x03)
-            .and_then(|b| b.value.get(1).map(|bits| bits & 0x80 != 0))
-            .unwrap_or(false)
+        self.digital_signature.unwrap_or(true)
     }
 
     /// SAN values (email, URI, DNS, and Fulcio's otherName username).
     pub fn san_values(&self) -> Vec<String> {
-        let Some(ext) = self.extension(OID_SAN) else {
-            return Vec::new();
-        };
-        let Ok(seq) = der::read_all(&ext.value) else {
-            return Vec::new();
-        };
-        let Ok(names) = der::children(seq.value) else {
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        for n in names {
-            match n.tag {
-                0x81 | 0x82 | 0x86 => {
-                    if let Ok(s) = std::str::from_utf8(n.value) {
-                        out.push(s.to_string());
-                    }
-                }
-                0xa0 => {
-                    // otherName: OID, [0] EXPLICIT UTF8String
-                    if let Ok((_, rest)) = der::expect(n.value, der::OID)
-                        && let Ok((wrapped, _)) = der::read(rest)
-                        && let Ok(inner) = der::read_all(wrapped.value)
-                        && let Ok(s) = std::str::from_utf8(inner.value)
-                    {
-                        out.push(s.to_string());
-                    }
-                }
-                _ => {}
-            }
-        }
-        out
+        self.sans.clone()
     }
 
     /// The OIDC issuer: extension .1.8 (DER string), falling back to the legacy raw .1.1.

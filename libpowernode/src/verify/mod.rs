@@ -6,15 +6,22 @@
 //! for a bundle ([`verify`]):
 //!
 //! * the bundle media type (v0.1, v0.2, v0.3, both spellings) and its structure;
+//! * exactly one member per protobuf oneof (signed content; certificate / chain / public key),
+//!   the media type matching the content, and caps on what one bundle may cost
+//!   ([`bundle::MAX_BUNDLE_BYTES`] and the other `MAX_*` constants there);
 //! * exactly one transparency-log entry, from a log of the trust root; its body must describe
-//!   this very signature and signer (hashedrekord 0.0.1/0.0.2, dsse 0.0.1, intoto 0.0.2);
+//!   this very signature and signer (hashedrekord 0.0.1/0.0.2, dsse 0.0.1, intoto 0.0.2); only a
+//!   proven log index is reported, and a Rekor v2 entry's index must be its proof's;
 //! * Rekor v1 entries: the signed entry timestamp (SET) with the log key; the integrated time is
 //!   then a verified signing time; the log key must be valid at it;
-//! * the inclusion proof (RFC 6962 audit path) and its checkpoint (signed note: a signature by
-//!   the log's key is searched among all lines, others ignored); required from v0.2 on;
-//! * RFC 3161 timestamps from a trusted TSA over the signature (TSA chain judged at genTime);
+//! * the inclusion proof (RFC 6962 audit path) and its checkpoint (signed note: a line whose
+//!   key hint and signer name are the log's must verify with the log's key, others are
+//!   ignored); required from v0.2 on;
+//! * RFC 3161 timestamps from a trusted TSA over the signature (TSA chain judged at genTime;
+//!   strict TimeStampResp/CMS structure, the SignerInfo's sid naming the TSA certificate);
 //!   the only time source for Rekor v2 entries;
-//! * at least one verified time; the leaf certificate chains to a trusted CA and every
+//! * at least one verified time; certificates parse with x509-parser and one with an unknown
+//!   critical extension is refused; the leaf certificate chains to a trusted CA and every
 //!   certificate is valid at every verified time (closed intervals); an embedded SCT from a
 //!   trusted CT log; SAN and OIDC issuer (ext .1.8, falling back to .1.1) match the policy;
 //! * the artifact signature (message signature over the artifact or its digest; DSSE over the
@@ -25,7 +32,7 @@
 
 pub mod bundle;
 pub mod cert;
-mod der;
+pub mod der;
 pub mod keys;
 pub mod tlog;
 pub mod trust_root;
@@ -189,6 +196,7 @@ pub struct Verified {
     pub identity: String,
     pub issuer: Option<String>,
     pub tlog_kind: String,
+    /// The proven log index: the one the SET signs (Rekor v1), else the inclusion proof's.
     pub log_index: i64,
     /// Verified signing times (integrated time and/or RFC 3161 genTimes), Unix seconds.
     pub signing_times: Vec<i64>,
@@ -306,13 +314,17 @@ pub fn verify(
     if bundle.minor >= 2 || entry.inclusion_proof.is_some() {
         tlog::verify_inclusion(entry, log)?;
     }
+    let proof_index = entry.inclusion_proof.as_ref().map(|p| p.log_index);
 
-    // 4. Verified times.
+    // 4. Verified times, and the log index that was proven (by the SET, or else by the
+    // inclusion proof): the only one ever reported.
     let mut times = Vec::new();
+    let mut proven_index = None;
     let rekor_v1 = tlog::is_rekor_v1(entry);
     if rekor_v1 {
         if entry.signed_entry_timestamp.is_some() {
             tlog::verify_set(entry, log)?;
+            proven_index = Some(entry.log_index);
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             if entry.integrated_time > now + MAX_CLOCK_SKEW {
                 return Err(VerifyError::new(
@@ -338,6 +350,12 @@ pub fn verify(
     for ts in &bundle.rfc3161_timestamps {
         times.push(tsa::verify(ts, signature, &root.timestamp_authorities)?);
     }
+    let log_index = proven_index.or(proof_index).ok_or_else(|| {
+        VerifyError::new(
+            VerifyErrorKind::Tlog,
+            "tlog entry has neither a signed entry timestamp nor an inclusion proof",
+        )
+    })?;
     if times.is_empty() {
         return Err(VerifyError::new(
             VerifyErrorKind::Timestamp,
@@ -435,7 +453,7 @@ pub fn verify(
         identity,
         issuer,
         tlog_kind: format!("{} {}", entry.kind, entry.version),
-        log_index: entry.log_index,
+        log_index,
         signing_times: times,
         bundle_version: format!("0.{}", bundle.minor),
     })

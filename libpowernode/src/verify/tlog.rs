@@ -140,18 +140,31 @@ impl Checkpoint {
         })
     }
 
-    /// Succeeds if one signature line verifies with the log's key; others (witness
-    /// cosignatures, unknown keys) are ignored.
+    /// The name the log signs this checkpoint under: the origin itself (Rekor v2, C2SP
+    /// tlog-checkpoint), or `NAME` for a Rekor v1 origin `NAME - <tree id>`.
+    pub fn signer_name(&self) -> &str {
+        match self.origin.rsplit_once(" - ") {
+            Some((name, tree)) if !tree.is_empty() && tree.bytes().all(|b| b.is_ascii_digit()) => {
+                name
+            }
+            _ => &self.origin,
+        }
+    }
+
+    /// Succeeds if one signature line verifies with the log's key and names the log (as Go's
+    /// `note` package requires, a line counts only if both its key hint and its signer name are
+    /// the log's); others (witness cosignatures, unknown keys) are ignored.
     pub fn verify(&self, log: &TransparencyLog) -> Result<(), VerifyError> {
         let key = log
             .key
             .as_ref()
             .ok_or_else(|| terr("transparency log key in the trusted root is not usable"))?;
         let hint = log.key_id.get(..4).unwrap_or_default();
+        let name = self.signer_name();
         let ok = self
             .signatures
             .iter()
-            .filter(|s| s.key_hint == hint)
+            .filter(|s| s.key_hint == hint && s.name == name)
             .any(|s| {
                 key.verify(Hash::Sha256, self.text.as_bytes(), &s.signature)
                     .is_ok()
@@ -168,6 +181,17 @@ impl Checkpoint {
 
 /// Verifies the entry's inclusion proof and its checkpoint.
 pub fn verify_inclusion(entry: &TlogEntry, log: &TransparencyLog) -> Result<(), VerifyError> {
+    if !is_rekor_v1(entry)
+        && let Some(proof) = &entry.inclusion_proof
+        && proof.log_index != entry.log_index
+    {
+        // Rekor v2 has one tree per log: the entry's index is the proven leaf index. (Rekor v1
+        // entries carry a global index over all shards, bound by the SET instead.)
+        return Err(terr(format!(
+            "tlog entry's logIndex {} differs from its inclusion proof's {}",
+            entry.log_index, proof.log_index
+        )));
+    }
     let proof = entry
         .inclusion_proof
         .as_ref()
@@ -515,6 +539,55 @@ mod tests {
                 .verify(&log)
                 .is_err()
         );
+    }
+
+    fn staging_v2_log() -> TransparencyLog {
+        let key_der = b64(
+            "k",
+            "MCowBQYDK2VwAyEAPn+AREHoBaZ7wgS1zBqpxmLSGnyhxXj4lFxSdWVB8o8=",
+        )
+        .expect("b64");
+        TransparencyLog {
+            base_url: String::new(),
+            key_id: b64("id", "8w1amZ2S5mJIQkQmPxdMuOrL/oJkvFg9MnQXmeOCXck=").expect("b64"),
+            key: Some(PublicKey::from_spki_der(&key_der).expect("key")),
+            valid_for: super::super::trust_root::Validity::ALWAYS,
+        }
+    }
+
+    #[test]
+    fn checkpoint_signature_line_must_name_the_origin() {
+        // Same key hint and signature bytes, another signer name: not the log's line.
+        let renamed = NOTE.replacen(
+            "\u{2014} log2025-alpha1.rekor.sigstage.dev ",
+            "\u{2014} witness.example ",
+            1,
+        );
+        let e = Checkpoint::parse(&renamed)
+            .expect("cp")
+            .verify(&staging_v2_log())
+            .expect_err("a line naming another signer must not count");
+        assert_eq!(e.kind(), VerifyErrorKind::Tlog, "{e}");
+    }
+
+    #[test]
+    fn rekor_v1_origin_names_its_signer_before_the_tree_id() {
+        let cp = |origin: &str| Checkpoint {
+            origin: origin.into(),
+            size: 1,
+            root_hash: vec![0; 32],
+            text: String::new(),
+            signatures: vec![],
+        };
+        assert_eq!(
+            cp("rekor.sigstore.dev - 2605736670972794746").signer_name(),
+            "rekor.sigstore.dev"
+        );
+        assert_eq!(
+            cp("log2025-alpha1.rekor.sigstage.dev").signer_name(),
+            "log2025-alpha1.rekor.sigstage.dev"
+        );
+        assert_eq!(cp("a - b").signer_name(), "a - b");
     }
 
     #[test]

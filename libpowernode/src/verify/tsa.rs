@@ -35,21 +35,55 @@ fn sig_hash(oid: &[u8]) -> Option<Hash> {
     .map(|(_, h)| h)
 }
 
-/// The parts of a timestamp token needed for verification.
-struct Token<'a> {
-    signed_message: Vec<u8>,
-    signature: &'a [u8],
-    sig_hash: Hash,
-    gen_time: i64,
+/// How a SignerInfo names its signing certificate (RFC 5652 §5.3 `sid`).
+#[derive(Debug, PartialEq, Eq)]
+pub enum SignerId<'a> {
+    /// Version 1: the certificate's issuer Name (DER) and serial number (INTEGER content).
+    IssuerSerial { issuer: &'a [u8], serial: &'a [u8] },
+    /// Version 3: the certificate's subjectKeyIdentifier.
+    SubjectKeyId(&'a [u8]),
 }
 
-fn parse_token<'a>(bytes: &'a [u8], signature: &[u8]) -> Result<Token<'a>, VerifyError> {
+impl SignerId<'_> {
+    /// True if this id names `c`.
+    pub fn names(&self, c: &cert::Certificate) -> bool {
+        match self {
+            SignerId::IssuerSerial { issuer, serial } => {
+                c.issuer.as_slice() == *issuer && c.serial.as_slice() == *serial
+            }
+            SignerId::SubjectKeyId(ski) => c.subject_key_id.as_deref() == Some(*ski),
+        }
+    }
+}
+
+/// The parts of a timestamp token needed for verification.
+#[derive(Debug)]
+pub struct Token<'a> {
+    pub signer: SignerId<'a>,
+    pub signed_message: Vec<u8>,
+    pub signature: &'a [u8],
+    pub sig_hash: Hash,
+    pub gen_time: i64,
+}
+
+fn tagged<'a>(f: Option<&Tlv<'a>>, tag: u8, what: &str) -> Result<Tlv<'a>, VerifyError> {
+    f.filter(|f| f.tag == tag)
+        .copied()
+        .ok_or_else(|| tserr(format!("malformed timestamp: {what}")))
+}
+
+/// Parses a DER TimeStampResp (or a bare TimeStampToken) strictly, and checks that its TSTInfo
+/// was issued over `signature`. Nothing is verified against a key here.
+pub fn parse_token<'a>(bytes: &'a [u8], signature: &[u8]) -> Result<Token<'a>, VerifyError> {
     let top = der::read_all(bytes).map_err(|e| tserr(format!("timestamp: {e}")))?;
+    if top.tag != der::SEQUENCE {
+        return Err(tserr("timestamp is not a DER SEQUENCE"));
+    }
     let parts = der::children(top.value)?;
     // TimeStampResp { status PKIStatusInfo, timeStampToken } or a bare ContentInfo.
-    let content_info: Tlv<'_> = match parts.first() {
-        Some(first) if first.tag == der::SEQUENCE => {
-            let status = der::children(first.value)?;
+    let content_info: Tlv<'_> = match parts.as_slice() {
+        [status, token] if status.tag == der::SEQUENCE => {
+            let status = der::children(status.value)?;
             let code = status
                 .first()
                 .filter(|s| s.tag == der::INTEGER)
@@ -57,11 +91,15 @@ fn parse_token<'a>(bytes: &'a [u8], signature: &[u8]) -> Result<Token<'a>, Verif
             if !matches!(code, Some([0]) | Some([1])) {
                 return Err(tserr("timestamp response status is not `granted`"));
             }
-            *parts
-                .get(1)
-                .ok_or_else(|| tserr("timestamp response has no token"))?
+            if token.tag != der::SEQUENCE {
+                return Err(tserr("timestamp response's token is not a ContentInfo"));
+            }
+            *token
         }
-        Some(first) if first.tag == der::OID => top,
+        [status] if status.tag == der::SEQUENCE => {
+            return Err(tserr("timestamp response has no token"));
+        }
+        [first, _] if first.tag == der::OID => top,
         _ => {
             return Err(tserr(
                 "timestamp is neither a TimeStampResp nor a ContentInfo",
@@ -76,38 +114,84 @@ fn parse_token<'a>(bytes: &'a [u8], signature: &[u8]) -> Result<Token<'a>, Verif
         return Err(tserr("timestamp token is not CMS SignedData"));
     }
     let sd = der::read_all(wrapped.value)?;
+    if sd.tag != der::SEQUENCE {
+        return Err(tserr("timestamp SignedData is not a SEQUENCE"));
+    }
+    // SignedData: version, digestAlgorithms, encapContentInfo, [0] certificates?, [1] crls?,
+    // signerInfos.
     let fields = der::children(sd.value)?;
-    let encap = fields
-        .get(2)
-        .filter(|f| f.tag == der::SEQUENCE)
-        .ok_or_else(|| tserr("SignedData has no encapsulated content"))?;
+    let mut it = fields.iter();
+    tagged(it.next(), der::INTEGER, "SignedData version")?;
+    tagged(it.next(), der::SET, "SignedData digestAlgorithms")?;
+    let encap = tagged(it.next(), der::SEQUENCE, "SignedData encapContentInfo")?;
+    let mut next = it.next();
+    if next.is_some_and(|f| f.tag == 0xa0) {
+        next = it.next();
+    }
+    if next.is_some_and(|f| f.tag == 0xa1) {
+        next = it.next();
+    }
+    let signer_infos = tagged(next, der::SET, "SignedData signerInfos")?;
+    if it.next().is_some() {
+        return Err(tserr(
+            "malformed timestamp: data after SignedData signerInfos",
+        ));
+    }
     let (etype, rest) = der::expect(encap.value, der::OID)?;
     if etype.value != der::oid_bytes(OID_TST_INFO) {
         return Err(tserr("timestamp content is not a TSTInfo"));
     }
-    let (econtent, _) = der::expect(rest, 0xa0)?;
-    let (octets, _) = der::expect(econtent.value, der::OCTET_STRING)?;
+    let econtent = der::read_all(rest)?;
+    if econtent.tag != 0xa0 {
+        return Err(tserr("timestamp has no encapsulated TSTInfo"));
+    }
+    let octets = der::read_all(econtent.value)?;
+    if octets.tag != der::OCTET_STRING {
+        return Err(tserr(
+            "timestamp's encapsulated TSTInfo is not an OCTET STRING",
+        ));
+    }
     let tst_info = octets.value;
-    let signer_infos = fields
-        .iter()
-        .rev()
-        .find(|f| f.tag == der::SET)
-        .ok_or_else(|| tserr("SignedData has no signerInfos"))?;
     let infos = der::children(signer_infos.value)?;
     let [si] = infos.as_slice() else {
         return Err(tserr("timestamp must have exactly one signer"));
     };
+    if si.tag != der::SEQUENCE {
+        return Err(tserr("timestamp SignerInfo is not a SEQUENCE"));
+    }
     let si = der::children(si.value)?;
     // version, sid, digestAlgorithm, [0] signedAttrs?, signatureAlgorithm, signature, [1]?
-    let digest_alg = si
-        .get(2)
-        .ok_or_else(|| tserr("SignerInfo lacks digestAlgorithm"))?;
-    let digest_hash = Hash::from_oid(alg_oid(digest_alg)?)
+    let mut it = si.iter();
+    let version = tagged(it.next(), der::INTEGER, "SignerInfo version")?;
+    let sid = it
+        .next()
+        .ok_or_else(|| tserr("malformed timestamp: SignerInfo lacks sid"))?;
+    let signer = match (version.value, sid.tag) {
+        ([1], der::SEQUENCE) => {
+            let (issuer, rest) = der::expect(sid.value, der::SEQUENCE)?;
+            let serial = der::read_all(rest)?;
+            if serial.tag != der::INTEGER {
+                return Err(tserr("timestamp signer id has no serial number"));
+            }
+            SignerId::IssuerSerial {
+                issuer: issuer.raw,
+                serial: serial.value,
+            }
+        }
+        ([3], 0x80) => SignerId::SubjectKeyId(sid.value),
+        _ => {
+            return Err(tserr(
+                "timestamp SignerInfo's version and signer id do not agree (RFC 5652 §5.3)",
+            ));
+        }
+    };
+    let digest_alg = tagged(it.next(), der::SEQUENCE, "SignerInfo digestAlgorithm")?;
+    let digest_hash = Hash::from_oid(alg_oid(&digest_alg)?)
         .ok_or_else(|| VerifyError::unsupported("timestamp digest algorithm"))?;
-    let mut idx = 3;
+    let mut next = it.next();
     let mut signed_message = tst_info.to_vec();
-    if let Some(attrs) = si.get(3).filter(|a| a.tag == 0xa0) {
-        idx = 4;
+    if let Some(attrs) = next.filter(|a| a.tag == 0xa0) {
+        next = it.next();
         let mut message_digest = None;
         let mut content_type_ok = false;
         for attr in der::children(attrs.value)? {
@@ -132,24 +216,34 @@ fn parse_token<'a>(bytes: &'a [u8], signature: &[u8]) -> Result<Token<'a>, Verif
         }
         signed_message = der::encode(der::SET, attrs.value);
     }
-    let sig_alg = si
-        .get(idx)
-        .ok_or_else(|| tserr("SignerInfo lacks signatureAlgorithm"))?;
-    let sig = si
-        .get(idx + 1)
-        .filter(|s| s.tag == der::OCTET_STRING)
-        .ok_or_else(|| tserr("SignerInfo lacks its signature"))?;
-    let hash = sig_hash(alg_oid(sig_alg)?).unwrap_or(digest_hash);
+    let sig_alg = tagged(next, der::SEQUENCE, "SignerInfo signatureAlgorithm")?;
+    let sig = tagged(it.next(), der::OCTET_STRING, "SignerInfo signature")?;
+    match it.next() {
+        None => {}
+        Some(u) if u.tag == 0xa1 && it.next().is_none() => {}
+        Some(_) => {
+            return Err(tserr(
+                "malformed timestamp: data after the SignerInfo signature",
+            ));
+        }
+    }
+    let hash = sig_hash(alg_oid(&sig_alg)?).unwrap_or(digest_hash);
 
     // TSTInfo: version, policy, messageImprint, serialNumber, genTime, …
     let tst = der::read_all(tst_info)?;
+    if tst.tag != der::SEQUENCE {
+        return Err(tserr("TSTInfo is not a SEQUENCE"));
+    }
     let tf = der::children(tst.value)?;
-    let imprint = tf
-        .get(2)
-        .filter(|f| f.tag == der::SEQUENCE)
-        .ok_or_else(|| tserr("TSTInfo lacks messageImprint"))?;
+    tagged(tf.first(), der::INTEGER, "TSTInfo version")?;
+    tagged(tf.get(1), der::OID, "TSTInfo policy")?;
+    let imprint = tagged(tf.get(2), der::SEQUENCE, "TSTInfo messageImprint")?;
+    tagged(tf.get(3), der::INTEGER, "TSTInfo serialNumber")?;
     let (imp_alg, rest) = der::expect(imprint.value, der::SEQUENCE)?;
-    let (imp_hash, _) = der::expect(rest, der::OCTET_STRING)?;
+    let imp_hash = der::read_all(rest)?;
+    if imp_hash.tag != der::OCTET_STRING {
+        return Err(tserr("TSTInfo messageImprint has no hash"));
+    }
     let imp_h = Hash::from_oid(alg_oid(&imp_alg)?)
         .ok_or_else(|| VerifyError::unsupported("timestamp message imprint hash"))?;
     if imp_h.digest(signature) != imp_hash.value {
@@ -157,11 +251,9 @@ fn parse_token<'a>(bytes: &'a [u8], signature: &[u8]) -> Result<Token<'a>, Verif
             "timestamp was not issued over this bundle's signature",
         ));
     }
-    let gen_t = tf
-        .get(4)
-        .filter(|f| f.tag == der::GENERALIZED_TIME)
-        .ok_or_else(|| tserr("TSTInfo lacks genTime"))?;
+    let gen_t = tagged(tf.get(4), der::GENERALIZED_TIME, "TSTInfo genTime")?;
     Ok(Token {
+        signer,
         signed_message,
         signature: sig.value,
         sig_hash: hash,
@@ -182,6 +274,12 @@ pub fn verify(
         let Some(leaf) = tsa.chain.first() else {
             continue;
         };
+        if !token.signer.names(leaf) {
+            last = tserr(
+                "timestamp's SignerInfo does not name a timestamp authority certificate of the trusted root",
+            );
+            continue;
+        }
         let key = match leaf.public_key() {
             Ok(k) => k,
             Err(e) => {
