@@ -153,18 +153,12 @@ mod tests {
     }
 
     #[test]
-    fn without_kernel_verity_a_cached_image_is_always_read_again() {
+    fn no_kernel_measurement_on_tmpfs() {
         let dir = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
-        let (img, binding) = (dir.path().join("img"), dir.path().join("binding"));
+        let img = dir.path().join("img");
         std::fs::write(&img, b"module bytes").expect("write");
-        let want = format(&digest_file(&img).expect("digest"));
-        assert!(!kernel_verified(&img, &binding, &want), "no binding");
-        std::fs::write(&binding, &want).expect("write");
-        assert!(!kernel_verified(&img, &binding, &want), "tmpfs: verity off");
-        assert!(
-            !kernel_verified(&img, &binding, "sha256:00"),
-            "another digest"
-        );
+        assert_eq!(kernel_measurement(&img).expect("no error"), None);
+        assert!(kernel_measurement(&dir.path().join("missing")).is_err());
     }
 
     #[test]
@@ -270,23 +264,22 @@ fn measure(file: &std::fs::File) -> std::io::Result<(u16, String)> {
     ))
 }
 
-/// Whether a stored image may be used without reading it again: the kernel enforces fs-verity
-/// on it and measures it as `expected` (the digest-pinned artifact's annotation), and an
-/// earlier full check of this image — SHA-256 against the signed digest and fs-verity, read
-/// together — recorded the same digest in `binding`. The kernel then verifies every page read
-/// against that digest, so re-hashing the file would repeat what the kernel does anyway. Any
-/// doubt (no binding, another digest, verity off, an unsupported filesystem) answers `false`
-/// and the image is checked in full.
-pub fn kernel_verified(path: &Path, binding: &Path, expected: &str) -> bool {
-    let recorded = match std::fs::read_to_string(binding) {
-        Ok(r) => r,
-        Err(_) => return false,
-    };
-    if recorded.trim() != expected {
-        return false;
+/// The kernel's fs-verity measurement of `path` (`sha256:<hex>`), or `None` when the file has
+/// no fs-verity (not enabled, or a filesystem without it). A file with fs-verity is immutable
+/// and every read of it is checked against this digest.
+pub fn kernel_measurement(path: &Path) -> std::io::Result<Option<String>> {
+    use nix::errno::Errno;
+    let file = std::fs::File::open(path)?;
+    match crate::sys::measure_verity(&file) {
+        Ok((1, d)) => Ok(Some(format!(
+            "sha256:{}",
+            d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ))),
+        Ok((alg, _)) => Err(std::io::Error::other(format!(
+            "{} has fs-verity with hash algorithm {alg}, not SHA-256",
+            path.display()
+        ))),
+        Err(Errno::ENODATA | Errno::EOPNOTSUPP | Errno::ENOTTY | Errno::EINVAL) => Ok(None),
+        Err(e) => Err(std::io::Error::from(e)),
     }
-    let Ok(file) = std::fs::File::open(path) else {
-        return false;
-    };
-    matches!(measure(&file), Ok((1, got)) if got == expected)
 }

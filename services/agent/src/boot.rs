@@ -5,7 +5,9 @@
 //! and in the kernel log (/dev/kmsg):
 //! `persist` (find the ext4 labelled `pnpersist`, or format a blank disk, mount at /persist) →
 //! `identity` (skipped when PKI is on /persist) → `enroll` (skipped when that PKI is valid) →
-//! `fetch` + `verify` (every assigned module through `libpowernode::modules`, fail closed) →
+//! `fetch` + `verify` (every assigned module through `libpowernode::modules`, fail closed:
+//! `fetch_and_verify` ends with `modules::verify_stored`, the check mountd runs before its
+//! mounts too, and a stored image that fails it is fetched again, never mounted) →
 //! `mount` (EROFS lowers + tmpfs upper → overlay at /sysroot, /persist moved into it,
 //! `libpowernode::sysroot`) → `switch-root` (nothing to do: systemd's initrd-switch-root.target
 //! switches once this unit has finished with /sysroot mounted).

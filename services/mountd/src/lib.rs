@@ -1,19 +1,22 @@
 //! powernode-mountd: composes the node's verified modules into one overlayfs root.
 //!
 //! D-Bus activated as `com.powernode.Mount1`. `Attach(id)`, `Detach(id)` and `Sync()` decide the
-//! set of modules (`Sync` takes the platform's assignment list); every image is pulled and
-//! verified with [`powernode::modules::fetch_and_verify`] first, and one refusal (signature,
-//! digest, fs-verity, missing policy) means nothing is mounted or recorded — fail closed. The
-//! mounts themselves are transient `.mount` units that systemd creates at the request of
-//! powernode-mount-helper ([`powernode::mounthelper`]), the root helper that checks each one
-//! against the plan's shapes and each lower's stored image, so this process holds no mount
-//! capability and no grant that reaches root; the plan comes from [`powernode::mount`]. A change builds a new generation next to the current
-//! one, switches the target symlink with one rename, then stops the old generation's units in
-//! reverse order. `state.json` is written after the mounts it describes exist.
+//! set of modules (`Sync` takes the platform's assignment list); every new image is pulled and
+//! verified with [`powernode::modules::fetch_and_verify`] first, and before any mount every
+//! image of the new generation — those state.json lists included — is checked again from the
+//! store with [`powernode::modules::verify_stored`]. One refusal (signature, signer policy,
+//! digest, fs-verity) means nothing is mounted or recorded — fail closed. The mounts themselves
+//! are transient `.mount` units that systemd creates at the request of powernode-mount-helper
+//! ([`powernode::mounthelper`]), the root helper that checks each one against the plan's shapes
+//! and each lower's stored image, so this process holds no mount capability and no grant that
+//! reaches root; the plan comes from [`powernode::mount`]. A change builds a new generation next
+//! to the current one, switches the target symlink with one rename, then stops the old
+//! generation's units in reverse order. `state.json` is written after the mounts it describes exist.
 //!
 //! Each attached module is a child object `/com/powernode/Mount1/module/<escaped id>`
 //! (`com.powernode.Mount1.Module`), listed by introspection (`busctl tree`).
-//! Events: `module.attached`, `module.refused`, `module.detached`.
+//! Events: `module.attached`, `module.refused` (`stored: true` when an image in the store or
+//! its state.json record failed the check), `module.detached`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
@@ -472,12 +475,52 @@ impl MountService {
         Ok(out)
     }
 
+    /// Checks every image of `desired` again from the store with
+    /// [`modules::verify_stored`] (SHA-256, fs-verity, the kept bundle under the node's own
+    /// signer policy), whether it was fetched just now or comes from state.json — after a
+    /// reboot, a Detach or an unchanged module in a Sync alike. The first refusal is a
+    /// `module.refused` event and a `Crypto` error; nothing is mounted.
+    async fn verify_images(
+        &self,
+        conn: &zbus::Connection,
+        desired: &BTreeMap<String, ModuleRecord>,
+    ) -> Result<(), BusError> {
+        for (id, rec) in desired {
+            let (paths, r) = (self.paths.clone(), rec.clone());
+            let checked = tokio::task::spawn_blocking(move || {
+                let trust = modules::NodeTrust::load(&paths, &r.name, None)?;
+                modules::verify_stored(&paths, &r.name, &r.digest, &r.fsverity, &trust)
+            })
+            .await
+            .map_err(|e| BusError::Bus(format!("verifying module {id}: {e}")))?;
+            match checked {
+                Ok(v) => {
+                    tracing::debug!(module = %rec.name, digest = %v.digest, kernel_verity = %v.kernel_verity, "stored image verified");
+                }
+                Err(e) => {
+                    tracing::error!(module = %rec.name, digest = %rec.digest, error = %e, "stored image refused; nothing is mounted");
+                    powernode::bus::emit_event(
+                        Some(conn),
+                        "module.refused",
+                        "error",
+                        json!({"module_id": id, "name": rec.name, "digest": rec.digest, "error": e.to_string(), "verification": e.is_verification(), "stored": true}),
+                    )
+                    .await;
+                    return Err(module_bus_error(e));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Makes `desired` the composed set: a new generation (or none), state.json, objects.
+    /// Every image is verified first ([`MountService::verify_images`]).
     async fn apply(
         &mut self,
         conn: &zbus::Connection,
         desired: BTreeMap<String, ModuleRecord>,
-    ) -> Result<(), Error> {
+    ) -> Result<(), BusError> {
+        self.verify_images(conn, &desired).await?;
         let old = self.current_plan()?;
         let generation = self.state.generation + 1;
         let layout = self.layout(None);
@@ -494,7 +537,7 @@ impl MountService {
             next.generation = generation;
             next.union_mounted = true;
             next.target = Some(layout.target.to_string_lossy().into_owned());
-            Some(mount::plan(&layout, &next.images(&self.paths), generation)?)
+            Some(mount::plan(&layout, &next.images(&self.paths), generation).map_err(Error::from)?)
         };
         transition(conn, &layout, old.as_ref(), new.as_ref()).await?;
         mount::save_state(&self.paths, &next)?;
@@ -616,7 +659,7 @@ impl MountService {
             return Ok(cur.digest.clone());
         }
         desired.insert(a.id.clone(), rec.clone());
-        self.apply(conn, desired).await.map_err(BusError::from)?;
+        self.apply(conn, desired).await?;
         powernode::bus::emit_event(
             Some(conn),
             "module.attached",
@@ -638,7 +681,7 @@ impl MountService {
             .ok_or_else(|| BusError::NotFound(format!("module {id} is not attached")))?;
         let mut desired = self.state.modules.clone();
         let rec = desired.remove(&key);
-        self.apply(conn, desired).await.map_err(BusError::from)?;
+        self.apply(conn, desired).await?;
         powernode::bus::emit_event(
             Some(conn),
             "module.detached",
@@ -669,7 +712,7 @@ impl MountService {
             return Ok(self.state.generation);
         }
         let before = self.state.modules.clone();
-        self.apply(conn, desired).await.map_err(BusError::from)?;
+        self.apply(conn, desired).await?;
         self.prune(&fetched);
         for (id, rec) in &self.state.modules {
             if before.get(id).map(|r| &r.digest) != Some(&rec.digest) {

@@ -218,14 +218,34 @@ impl DevPlatform {
     }
 
     /// Pin the platform's Sigstore trusted root in the node tree `root`
-    /// (`etc/powernode/trust/trusted_root.json`), as provisioning does in production. It
-    /// exists once something was published.
+    /// (`etc/powernode/trust/trusted_root.json`) and the node's own signer policy
+    /// (`etc/powernode/trust/modules.toml`: the platform's signing key may sign every module),
+    /// as provisioning does in production. Both exist once something was published.
     pub fn pin_trusted_root(&self, root: &Path) -> Result<()> {
         let trust = root.join("etc/powernode/trust");
         std::fs::create_dir_all(&trust)?;
         std::fs::copy(
             self.state.join("sigstore/trusted_root.json"),
             trust.join("trusted_root.json"),
+        )?;
+        let key = std::fs::read_to_string(self.state.join("sigstore/signing.pub"))?;
+        std::fs::write(
+            trust.join("modules.toml"),
+            format!("[[signer]]\nmodules = [\"*\"]\npublic_key = \"\"\"\n{key}\"\"\"\n"),
+        )?;
+        Ok(())
+    }
+
+    /// Adds a keyless signer (identity and issuer regexps) for every module to the node's
+    /// signer policy written by [`DevPlatform::pin_trusted_root`].
+    pub fn allow_keyless(&self, root: &Path, identity_re: &str, issuer_re: &str) -> Result<()> {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(root.join("etc/powernode/trust/modules.toml"))?;
+        write!(
+            f,
+            "[[signer]]\nmodules = [\"*\"]\nidentity = '{identity_re}'\nissuer = '{issuer_re}'\n"
         )?;
         Ok(())
     }

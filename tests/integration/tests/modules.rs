@@ -94,8 +94,24 @@ impl Node {
         self.root.path().join("persist/cache/modules")
     }
 
-    /// Every file under the store (names), temporary ones included.
+    /// Every file under the store (names), temporary ones included, but the signature
+    /// bundles kept beside the images ([`Node::stored_bundles`]).
     fn store_entries(&self) -> Vec<String> {
+        self.all_store_entries()
+            .into_iter()
+            .filter(|n| !n.ends_with(".sigstore.json"))
+            .collect()
+    }
+
+    /// The signature bundles kept beside the images (`<hex>.<module>.sigstore.json`).
+    fn stored_bundles(&self) -> Vec<String> {
+        self.all_store_entries()
+            .into_iter()
+            .filter(|n| n.ends_with(".sigstore.json"))
+            .collect()
+    }
+
+    fn all_store_entries(&self) -> Vec<String> {
         fs::read_dir(self.store())
             .map(|d| {
                 d.filter_map(|e| e.ok())
@@ -103,6 +119,15 @@ impl Node {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// Replaces the node's signer policy (`etc/powernode/trust/modules.toml`).
+    fn local_policy(&self, toml: &str) -> Result<()> {
+        fs::write(
+            self.root.path().join("etc/powernode/trust/modules.toml"),
+            toml,
+        )?;
+        Ok(())
     }
 }
 
@@ -157,6 +182,12 @@ fn published_module_is_pulled_verified_and_stored() -> Result<()> {
         node.store_entries() == vec![hex.to_string()],
         "{:?}",
         node.store_entries()
+    );
+    // The bundle is kept beside the image: every mount checks the image again offline.
+    ensure!(
+        node.stored_bundles() == vec![format!("{hex}.hello.sigstore.json")],
+        "{:?}",
+        node.stored_bundles()
     );
 
     // The --out artifacts verify with the CLI verifier.
@@ -349,11 +380,13 @@ fn another_key_in_the_trust_policy_is_refused() -> Result<()> {
     node.pin_trusted_root()?;
     let (out, v) = node.update()?;
     ensure!(out.status.code() == Some(2), "update: {}", describe(&out));
+    // The node's own policy allows only the platform's signing key: a platform policy naming
+    // another key is refused before anything is fetched, saying why.
     ensure!(
         v["error"]
             .as_str()
             .unwrap_or_default()
-            .contains("signature"),
+            .contains("names a public key the node's signer policy does not allow"),
         "{v}"
     );
     ensure!(
@@ -377,18 +410,49 @@ fn another_key_in_the_trust_policy_is_refused() -> Result<()> {
     Ok(())
 }
 
+/// The platform's trust policy names the real signer, but the node's own policy allows only
+/// another key: the node's policy decides, the module is refused and nothing is fetched.
+#[test]
+fn the_platform_cannot_widen_the_node_signer_policy() -> Result<()> {
+    let node = Node::start()?;
+    let m = node.publish_and_assign("hello", &[])?;
+    ensure!(m["trust_policy"]["public_key"].is_string(), "{m}");
+    node.pin_trusted_root()?;
+    let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    node.local_policy(&format!(
+        "[[signer]]\nmodules = [\"hello\"]\npublic_key = \"\"\"\n{}\"\"\"\n",
+        other.public_key_pem()
+    ))?;
+    let (out, v) = node.update()?;
+    ensure!(out.status.code() == Some(2), "update: {}", describe(&out));
+    let err = v["error"].as_str().unwrap_or_default();
+    ensure!(
+        err.contains("verification failed for module hello")
+            && err.contains("names a public key the node's signer policy does not allow"),
+        "{v}"
+    );
+    ensure!(
+        node.all_store_entries().is_empty(),
+        "store: {:?}",
+        node.all_store_entries()
+    );
+    Ok(())
+}
+
 #[test]
 fn missing_policy_or_trusted_root_is_refused() -> Result<()> {
     let node = Node::start()?;
     node.publish_and_assign("hello", &["--no-policy"])?;
     node.pin_trusted_root()?;
+    // No signer policy on the node: the platform's word (here: none) is not enough.
+    fs::remove_file(node.root.path().join("etc/powernode/trust/modules.toml"))?;
     let (out, v) = node.update()?;
     ensure!(out.status.code() == Some(2), "update: {}", describe(&out));
     ensure!(
         v["error"]
             .as_str()
             .unwrap_or_default()
-            .contains("no trust policy"),
+            .contains("the node's signer policy allows nobody to sign this module"),
         "{v}"
     );
     ensure!(
@@ -727,6 +791,11 @@ fn keyless_module_is_pulled_and_verified_by_identity() -> Result<()> {
     );
     ensure!(tp.get("public_key").is_none(), "{m}");
     node.pin_trusted_root()?;
+    node.platform.allow_keyless(
+        node.root.path(),
+        r"^https://ci\.example/",
+        r"^https://token\.actions\.example$",
+    )?;
 
     let (out, v) = node.update()?;
     ensure!(out.status.success(), "update: {}", describe(&out));
@@ -812,6 +881,11 @@ fn keyless_module_of_another_identity_is_refused() -> Result<()> {
         ],
     )?;
     node.pin_trusted_root()?;
+    node.platform.allow_keyless(
+        node.root.path(),
+        r"^https://ci\.example/",
+        r"^https://token\.actions\.example$",
+    )?;
     let (out, v) = node.update()?;
     ensure!(out.status.code() == Some(2), "update: {}", describe(&out));
     let err = v["error"].as_str().unwrap_or_default();

@@ -295,3 +295,124 @@ fn garbage_state_json_makes_mountd_refuse_changes() -> Result<()> {
     ensure!(fs::read(&state)? == garbage, "the torn file was rewritten");
     Ok(())
 }
+
+/// What state.json records for module `m` (a `module publish` result), as mountd writes it.
+fn record(m: &Value, name: &str) -> Result<Value> {
+    Ok(serde_json::json!({
+        "name": name,
+        "digest": m["artifact"]["image_digest"].as_str().context("digest")?,
+        "fsverity": m["artifact"]["fsverity_root_hash"].as_str().context("fsverity")?,
+        "priority": 0,
+        "mounted_at": "2026-01-01T00:00:00Z",
+    }))
+}
+
+/// After a reboot state.json lists two modules, fetched and verified earlier, and nothing is
+/// mounted. Before mountd mounts the remaining one for a Detach, it checks that image again
+/// from the store: a store image rewritten while the node was down, or a state.json record
+/// pointing at another image, is refused with a `module.refused` event and never mounted
+/// (without systemd here, a mount attempt would be a bus error, not `Crypto`).
+#[test]
+fn rewritten_store_image_or_state_json_is_refused_before_any_mount() -> Result<()> {
+    let node = Node::start()?;
+    let hello = node.publish_and_assign("hello")?;
+    fs::write(
+        node.work.path().join("rootfs/etc/hello/world"),
+        "another image\n",
+    )?;
+    let world = node.publish_and_assign("world")?;
+    // Both images fetched, verified and kept in the store with their bundles.
+    let out = powernode_integration_tests::run(
+        Command::new(bin("powernode-agent")?)
+            .args(["update", "--json", "--root"])
+            .arg(node.root.path()),
+    )?;
+    ensure!(out.status.success(), "update: {}", describe(&out));
+    let (hello_id, world_id) = (
+        hello["id"].as_str().context("id")?,
+        world["id"].as_str().context("id")?,
+    );
+    let write_state = |world_rec: Value| -> Result<()> {
+        let state = serde_json::json!({
+            "schema_version": 1,
+            "modules": {hello_id: record(&hello, "hello")?, world_id: world_rec},
+            "union_mounted": true,
+            "generation": 1,
+        });
+        fs::create_dir_all(node.state_json().parent().context("parent")?)?;
+        fs::write(node.state_json(), serde_json::to_vec_pretty(&state)?)?;
+        Ok(())
+    };
+    let world_digest = world["artifact"]["image_digest"]
+        .as_str()
+        .context("digest")?;
+    let world_image = node
+        .root
+        .path()
+        .join("persist/cache/modules")
+        .join(world_digest.trim_start_matches("sha256:"));
+    let good = fs::read(&world_image)?;
+    let mut bad = good.clone();
+    bad[0] ^= 0xff;
+
+    let events = node.spawn("powernode-fleeteventd")?;
+    node.wait_name("com.powernode.FleetEvent1", &events)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+
+    // 1. The store image rewritten while the node was down.
+    write_state(record(&world, "world")?)?;
+    fs::write(&world_image, &bad)?;
+    let state_before = fs::read(node.state_json())?;
+    {
+        let mountd = node.spawn("powernode-mountd")?;
+        node.wait_name(NAME, &mountd)?;
+        let reply = call(&rt, node.bus.address(), "Detach", Some("hello"))?;
+        let (name, msg) = match reply {
+            Ok(r) => bail!("detached over a rewritten image: {r}\n{}", mountd.log()),
+            Err(e) => e,
+        };
+        ensure!(
+            name == "com.powernode.Error.Crypto",
+            "{name}: {msg}\n{}",
+            mountd.log()
+        );
+        ensure!(
+            msg.contains("module world") && msg.contains("rewritten"),
+            "{msg}"
+        );
+        ensure!(
+            fs::read(node.state_json())? == state_before,
+            "state.json changed"
+        );
+        let ev = node
+            .platform
+            .wait_event(&node.instance, "module.refused", Duration::from_secs(30))
+            .with_context(|| {
+                format!("mountd:\n{}\nfleeteventd:\n{}", mountd.log(), events.log())
+            })?;
+        ensure!(
+            ev["payload"]["name"] == "world" && ev["payload"]["stored"] == true,
+            "{ev}"
+        );
+    }
+
+    // 2. The image intact, but state.json's record for world names hello's image (which is in
+    //    the store, signed, but never for module world).
+    fs::write(&world_image, &good)?;
+    let mut forged = record(&world, "world")?;
+    forged["digest"] = hello["artifact"]["image_digest"].clone();
+    forged["fsverity"] = hello["artifact"]["fsverity_root_hash"].clone();
+    write_state(forged)?;
+    let mountd = node.spawn("powernode-mountd")?;
+    node.wait_name(NAME, &mountd)?;
+    let reply = call(&rt, node.bus.address(), "Detach", Some("hello"))?;
+    let (name, msg) = match reply {
+        Ok(r) => bail!("detached over a forged state.json: {r}\n{}", mountd.log()),
+        Err(e) => e,
+    };
+    ensure!(name == "com.powernode.Error.Crypto", "{name}: {msg}");
+    ensure!(msg.contains("no signature bundle stored"), "{msg}");
+    Ok(())
+}

@@ -6,9 +6,10 @@
 //! One test, three boots from the same /persist disk (state carries over, so they cannot run
 //! apart): a blank disk is formatted and the node enrolls, pulls, verifies and stacks two signed
 //! modules at /sysroot, and systemd switches into it; the second boot reuses the PKI (the
-//! single-use token would be refused otherwise) and the cached module is taken on the kernel's
-//! fs-verity word; a third, with base's cached image swapped on the powered-off disk (read in
-//! full and fetched again) and a module tampered in the registry assigned, stops at
+//! single-use token would be refused otherwise) and the stored module is verified again from
+//! the store (SHA-256, fs-verity, its kept bundle under the node's signer policy) instead of
+//! being downloaded; a third, with base's stored image swapped on the powered-off disk (refused
+//! by that check and fetched again) and a module tampered in the registry assigned, stops at
 //! `[boot:verify]` and never switches root.
 
 #![allow(clippy::unwrap_used)] // test fixtures: a panic is the failure report
@@ -194,15 +195,15 @@ fn dracut_initramfs_enrolls_verifies_mounts_and_switches_root() -> Result<()> {
         !c.contains("[boot:enroll] enrolling"),
         "enrolled again:\n{c}"
     );
-    // base was verified in full on the first boot and the kernel enforces its fs-verity
-    // digest: it is not read again; app is new and is.
+    // base is in the store: verified again from there (never on a binding's word), not
+    // downloaded; app is new and is fetched.
     has(
         &c,
         "module base: signature by public key OK, sha256 and fs-verity",
     )?;
     has(
         &c,
-        "kernel fs-verity enforced (cached image, not read again)",
+        "kernel fs-verity enforced (stored image, verified again)",
     )?;
     ensure!(
         boot_lines(&c)
@@ -244,8 +245,8 @@ fn dracut_initramfs_enrolls_verifies_mounts_and_switches_root() -> Result<()> {
     fs::write(&blob, bytes)?;
     // ... and base's cached image is swapped on the powered-off disk for one with a flipped
     // byte (a plain file: a rewritten disk cannot carry the kernel's verity for other bytes).
-    // The binding still names base's digest, but the kernel cannot vouch for the file, so it
-    // is read, found wrong and fetched again before evil is refused.
+    // The store check refuses it (its SHA-256 is not the signed digest), so it is fetched
+    // again before evil is refused.
     let base_hex = base_digest.trim_start_matches("sha256:");
     let cached = format!("/cache/modules/{base_hex}");
     let forged = vm.work.path().join("forged-base");
@@ -277,7 +278,7 @@ fn dracut_initramfs_enrolls_verifies_mounts_and_switches_root() -> Result<()> {
         .with_context(|| format!("base was not verified:\n{c}"))?
         .to_string();
     ensure!(
-        !base_line.contains("cached image") && base_line.ends_with("kernel fs-verity enforced"),
+        !base_line.contains("stored image") && base_line.ends_with("kernel fs-verity enforced"),
         "a swapped cached image was trusted: {base_line}"
     );
     has(&c, "[boot:verify] FAILED: module evil REFUSED")?;
