@@ -196,7 +196,7 @@ fn cache_round_trip_is_private_and_public_view_redacts() {
         .permissions()
         .mode()
         & 0o777;
-    assert_eq!(mode, 0o600);
+    assert_eq!(mode, 0o640, "group powernode-identity (enrolld) reads it");
     let public = serde_json::to_string(&id.public()).unwrap();
     assert!(!public.contains("SECRET"), "{public}");
     assert!(public.contains("<redacted>"));
