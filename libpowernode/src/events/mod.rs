@@ -21,6 +21,16 @@ pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024;
 pub const MAX_BATCH: usize = 500;
 /// The kind of the event the queue emits itself when its size cap forced it to drop events.
 pub const DROPPED_KIND: &str = "system.events.dropped";
+/// Kinds under this namespace speak for the suite itself (`system.cert.rotated`,
+/// [`DROPPED_KIND`]): the platform trusts them as the node's own word, so only the suite's own
+/// uids may emit them.
+pub const RESERVED_NAMESPACE: &str = "system";
+
+/// Whether `kind` lies in the [`RESERVED_NAMESPACE`] (the namespace itself or below it).
+pub fn is_reserved_kind(kind: &str) -> bool {
+    kind.strip_prefix(RESERVED_NAMESPACE)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+}
 
 pub use crate::config::SeverityVocabulary;
 
@@ -83,6 +93,14 @@ pub enum EventError {
     MessageTooLarge(usize),
     #[error("rate limit exceeded for {0}")]
     RateLimited(String),
+    #[error("kind {0:?} is reserved for the suite's own daemons")]
+    ReservedKind(String),
+    #[error("too many connections: {0}")]
+    TooManyConnections(String),
+    /// The event was valid but could not be stored (disk full, I/O error): worth retrying later,
+    /// unlike every other refusal.
+    #[error("storing the event failed: {0}")]
+    Storage(String),
 }
 
 impl EventError {
@@ -96,6 +114,9 @@ impl EventError {
             EventError::Message(_) => "invalid_message",
             EventError::MessageTooLarge(_) => "message_too_large",
             EventError::RateLimited(_) => "rate_limited",
+            EventError::ReservedKind(_) => "reserved_kind",
+            EventError::TooManyConnections(_) => "too_many_connections",
+            EventError::Storage(_) => "storage",
         }
     }
 }
@@ -116,6 +137,21 @@ impl From<EventError> for crate::Error {
                 code: Some("rate_limited".into()),
                 message: format!("rate limit exceeded for {s}"),
             },
+            EventError::ReservedKind(kind) => crate::Error::Refused {
+                status: 403,
+                code: Some("reserved_kind".into()),
+                message: format!("kind {kind:?} is reserved for the suite's own daemons"),
+            },
+            EventError::TooManyConnections(s) => crate::Error::Refused {
+                status: 429,
+                code: Some("too_many_connections".into()),
+                message: s,
+            },
+            EventError::Storage(detail) => crate::Error::io(
+                "storing the event in",
+                "the event queue",
+                std::io::Error::other(detail),
+            ),
             other => crate::Error::malformed("event", other),
         }
     }
@@ -296,6 +332,20 @@ mod tests {
         for bad in ["", "A", "a-b", "a b", "ä", "a/b", &"a".repeat(129)] {
             assert!(validate_kind(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn reserved_kinds() {
+        for reserved in ["system", "system.cert.rotated", DROPPED_KIND] {
+            assert!(is_reserved_kind(reserved), "{reserved}");
+        }
+        for free in ["systemd.unit", "systems", "app.system.x", "sys"] {
+            assert!(!is_reserved_kind(free), "{free}");
+        }
+        let e = crate::Error::from(EventError::Storage("disk full".into()));
+        assert_eq!(e.kind(), crate::error::ErrorKind::Io);
+        let e = crate::Error::from(EventError::ReservedKind("system.x".into()));
+        assert_eq!(e.kind(), crate::error::ErrorKind::Refused);
     }
 
     #[test]

@@ -11,12 +11,19 @@
 //!   message: `{"ok":true,"id":…}` once stored, or `{"ok":false,"error":<reason>,"message":…}`.
 //!   A client that does not read replies loses nothing but the replies.
 //!
-//! Invalid input (bad JSON, unknown severity, oversize, a sender over its rate) is refused with
-//! a reason and counted in `Rejected`; the daemon stays up. The uploader posts batches of at most
+//! Invalid input (bad JSON, unknown severity, oversize, a sender over its rate, a `system.*`
+//! kind from a uid outside the suite) is refused with a reason and counted in `Rejected`; the
+//! daemon stays up. An event that is valid but could not be stored is answered `storage`, so
+//! the client knows to retry. The socket's clients are bounded per uid ([`limits`]): connections
+//! (a uid over its share, or the daemon at the budget its fd limit allows, is told
+//! `too_many_connections` and closed), events per second, and idle time (a connection that sends
+//! nothing for `--connection-idle-secs` is closed), so no uid can keep another's events out. The uploader posts batches of at most
 //! 500 to `POST fleet/events` through the rotation-following [`InstanceClient`], backing off with
 //! the retry policy while the platform is down, and acknowledges in the ledger only what the
 //! platform accepted, so a restart resumes where it stopped. The daemon exits once idle *and*
 //! drained.
+
+pub mod limits;
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -37,7 +44,11 @@ use powernode::retry::RetryPolicy;
 use powernode::sandbox::Profile;
 use powernode::systemd::{self, IdleTracker};
 use powernode::transport::InstanceClient;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+
+use crate::limits::{
+    ConnectionLimits, DEFAULT_SYSTEM_SENDERS, MAX_CONNECTIONS_PER_UID, RateLimiter, SystemSenders,
+};
 
 /// node_api path of the upload.
 pub const UPLOAD_PATH: &str = "/fleet/events";
@@ -51,6 +62,16 @@ const MAX_COMMIT: usize = 1024;
 const MAX_PIPELINE: usize = 256;
 /// How long a reply may wait for a client that does not read its socket.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(1);
+/// Socket events parsed and not yet stored, across all connections: bounds the memory a flood
+/// can pin (each at most [`MAX_MESSAGE_BYTES`] on the wire) to tens of MiB whatever the number
+/// of connections. Beyond it, connections wait (back-pressure, not loss).
+const MAX_IN_FLIGHT: usize = MAX_COMMIT;
+/// How long accept() pauses when the process is out of descriptors (EMFILE/ENFILE): the pending
+/// connection stays in the backlog, so retrying at once would only spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// A connection that sends nothing for this long is closed by default: a client emits and
+/// goes, or reconnects when it has something to say, and an idle slot counts against its uid.
+const DEFAULT_CONNECTION_IDLE_SECS: u64 = 30;
 /// On SIGTERM, the uploader gets this long to empty the queue before the daemon exits
 /// (well inside the unit's TimeoutStopSec; what is left stays on disk for the next start).
 const FLUSH_ON_STOP: Duration = Duration::from_secs(5);
@@ -73,67 +94,40 @@ pub struct Args {
     /// Size at which a queue segment is closed (the granularity of dropping).
     #[arg(long, default_value_t = QueueConfig::default().segment_bytes)]
     pub segment_bytes: u64,
-    /// Events per second one sender (uid+pid) may submit on average.
+    /// Events per second one sender uid (all its processes together) may submit on average.
     #[arg(long, default_value_t = 2000)]
     pub rate: u32,
-    /// Events one sender may submit in a burst above the rate.
+    /// Events one sender uid may submit in a burst above the rate.
     #[arg(long, default_value_t = 10000)]
     pub burst: u32,
+    /// Close a socket connection that sends nothing for this many seconds.
+    #[arg(long, default_value_t = DEFAULT_CONNECTION_IDLE_SECS)]
+    pub connection_idle_secs: u64,
+    /// Users (names or numeric uids, comma-separated) allowed to emit `system.*` kinds; names
+    /// missing on the node are skipped.
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_SYSTEM_SENDERS.iter().map(|s| s.to_string()))]
+    pub system_senders: Vec<String>,
 }
 
-// ---------------------------------------------------------------------------------------------
-// Rate limiting
-
-/// A token bucket per sender: `rate` per second, at most `burst` saved up.
-#[derive(Debug)]
-pub struct RateLimiter {
-    rate: f64,
-    burst: f64,
-    buckets: HashMap<String, (f64, Instant)>,
-}
-
-/// Forget senders (full buckets) once this many are tracked, so a churn of pids cannot grow
-/// the map without bound.
-const MAX_TRACKED_SENDERS: usize = 4096;
-
-impl RateLimiter {
-    pub fn new(rate: u32, burst: u32) -> Self {
-        RateLimiter {
-            rate: f64::from(rate.max(1)),
-            burst: f64::from(burst.max(1)),
-            buckets: HashMap::new(),
-        }
-    }
-
-    /// Take one token for `sender` at `now`; false when it has none left.
-    pub fn allow(&mut self, sender: &str, now: Instant) -> bool {
-        if self.buckets.len() >= MAX_TRACKED_SENDERS && !self.buckets.contains_key(sender) {
-            let (rate, burst) = (self.rate, self.burst);
-            self.buckets.retain(|_, (tokens, at)| {
-                *tokens + now.duration_since(*at).as_secs_f64() * rate < burst
-            });
-        }
-        let (tokens, at) = self
-            .buckets
-            .entry(sender.to_string())
-            .or_insert((self.burst, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
+/// Forget bus peers' credentials once this many are cached.
+const MAX_TRACKED_PEERS: usize = 4096;
 
 // ---------------------------------------------------------------------------------------------
 // Shared state
 
 struct Submit {
     event: Event,
-    reply: oneshot::Sender<Result<String, String>>,
+    reply: oneshot::Sender<Result<String, EventError>>,
+}
+
+/// Who sent an event, as the kernel or the bus reported it.
+#[derive(Debug, Clone)]
+struct Sender {
+    /// None when the credentials could not be had: such senders share one rate bucket and may
+    /// not use the reserved namespace.
+    uid: Option<u32>,
+    /// Recorded with the event (`socket uid=… gid=… pid=…`, `dbus uid=… pid=…`).
+    source: String,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -145,7 +139,10 @@ struct Status {
 struct Shared {
     queue: Arc<Mutex<Queue>>,
     submit: mpsc::Sender<Submit>,
-    limiter: Mutex<RateLimiter>,
+    limiter: Mutex<RateLimiter<Option<u32>>>,
+    system_senders: SystemSenders,
+    connections: Arc<ConnectionLimits>,
+    in_flight: Arc<Semaphore>,
     status: Mutex<Status>,
     rejected: AtomicU64,
     idle: IdleTracker,
@@ -161,24 +158,30 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    /// Rate-limit, then store durably; the event's id once it is fsync'd.
-    async fn submit(&self, event: Event, sender: &str) -> Result<String, EventError> {
+    /// Check the reserved namespace and the sender's rate, then store durably; the event's id
+    /// once it is fsync'd.
+    async fn submit(&self, event: Event, sender: &Sender) -> Result<String, EventError> {
         self.idle.touch();
-        if !lock(&self.limiter).allow(sender, Instant::now()) {
+        if !self.system_senders.may_emit(sender.uid, &event.kind) {
+            self.reject("reserved_kind");
+            tracing::info!(kind = %event.kind, sender = %sender.source, "reserved event kind refused");
+            return Err(EventError::ReservedKind(event.kind));
+        }
+        if !lock(&self.limiter).allow(&sender.uid, Instant::now()) {
             self.reject("rate_limited");
-            return Err(EventError::RateLimited(sender.to_string()));
+            let who = sender.uid.map_or_else(
+                || "senders without credentials".into(),
+                |u| format!("uid {u}"),
+            );
+            return Err(EventError::RateLimited(who));
         }
         let (tx, rx) = oneshot::channel();
-        let stored = async {
-            self.submit
-                .send(Submit { event, reply: tx })
-                .await
-                .map_err(|_| "event writer stopped".to_string())?;
-            rx.await
-                .map_err(|_| "event writer stopped".to_string())
-                .and_then(|r| r)
-        };
-        stored.await.map_err(EventError::Message)
+        let writer_gone = || EventError::Storage("event writer stopped".into());
+        self.submit
+            .send(Submit { event, reply: tx })
+            .await
+            .map_err(|_| writer_gone())?;
+        rx.await.map_err(|_| writer_gone())?
     }
 
     fn reject(&self, reason: &str) {
@@ -227,10 +230,12 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Submit>) {
             batch.into_iter().map(|s| (s.event, s.reply)).unzip();
         let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
         let queue = shared.queue.clone();
+        // Whatever the cause (disk full, I/O error, a crashed task), the events are valid and
+        // were not stored: the client hears `storage` and may retry.
         let result = tokio::task::spawn_blocking(move || lock(&queue).append(&events))
             .await
-            .map_err(|e| format!("event writer task failed: {e}"))
-            .and_then(|r| r.map_err(|e| e.to_string()));
+            .map_err(|e| EventError::Storage(format!("event writer task failed: {e}")))
+            .and_then(|r| r.map_err(|e| EventError::Storage(e.to_string())));
         match &result {
             Ok(_) => shared.stored.notify_one(),
             Err(e) => tracing::error!(error = %e, "storing events failed"),
@@ -336,13 +341,16 @@ async fn uploader(shared: Arc<Shared>, paths: Paths, cfg: Config) {
 struct FleetEventService {
     shared: Arc<Shared>,
     /// Credentials of bus peers by unique name (asked once per peer).
-    peers: HashMap<String, String>,
+    peers: HashMap<String, Sender>,
 }
 
 impl FleetEventService {
-    async fn source_of(&mut self, conn: &zbus::Connection, sender: Option<&str>) -> String {
+    async fn sender_of(&mut self, conn: &zbus::Connection, sender: Option<&str>) -> Sender {
         let Some(sender) = sender else {
-            return "dbus".into();
+            return Sender {
+                uid: None,
+                source: "dbus".into(),
+            };
         };
         if let Some(s) = self.peers.get(sender) {
             return s.clone();
@@ -351,22 +359,27 @@ impl FleetEventService {
             let proxy = zbus::fdo::DBusProxy::new(conn).await?;
             let name = zbus::names::BusName::try_from(sender.to_string())?;
             let creds = proxy.get_connection_credentials(name).await?;
-            Ok::<_, zbus::Error>(format!(
-                "dbus uid={} pid={}",
-                creds
-                    .unix_user_id()
-                    .map_or_else(|| "?".into(), |u| u.to_string()),
-                creds
-                    .process_id()
-                    .map_or_else(|| "?".into(), |p| p.to_string())
-            ))
+            let uid = creds.unix_user_id();
+            Ok::<_, zbus::Error>(Sender {
+                uid,
+                source: format!(
+                    "dbus uid={} pid={}",
+                    uid.map_or_else(|| "?".into(), |u| u.to_string()),
+                    creds
+                        .process_id()
+                        .map_or_else(|| "?".into(), |p| p.to_string())
+                ),
+            })
         }
         .await
         .unwrap_or_else(|e| {
             tracing::debug!(error = %e, sender, "no credentials for bus peer");
-            format!("dbus {sender}")
+            Sender {
+                uid: None,
+                source: format!("dbus {sender}"),
+            }
         });
-        if self.peers.len() >= MAX_TRACKED_SENDERS {
+        if self.peers.len() >= MAX_TRACKED_PEERS {
             self.peers.clear();
         }
         self.peers.insert(sender.to_string(), described.clone());
@@ -387,14 +400,14 @@ impl FleetEventService {
     ) -> Result<String, BusError> {
         self.shared.idle.touch();
         let sender = header.sender().map(|s| s.to_string());
-        let source = self.source_of(conn, sender.as_deref()).await;
-        let event = Event::new(kind, severity, payload_json, &source).map_err(|e| {
+        let sender = self.sender_of(conn, sender.as_deref()).await;
+        let event = Event::new(kind, severity, payload_json, &sender.source).map_err(|e| {
             self.shared.reject(e.kind());
             BusError::from(powernode::Error::from(e))
         })?;
         let shared = self.shared.clone();
         shared
-            .submit(event, &source)
+            .submit(event, &sender)
             .await
             .map_err(|e| BusError::from(powernode::Error::from(e)))
     }
@@ -411,7 +424,7 @@ impl FleetEventService {
         lock(&self.shared.queue).dropped()
     }
 
-    /// Submissions refused (invalid, oversize, rate-limited) since start.
+    /// Submissions refused (invalid, oversize, rate-limited, reserved kind) since start.
     #[zbus(property)]
     async fn rejected(&self) -> u64 {
         self.shared.rejected.load(Ordering::Relaxed)
@@ -463,40 +476,95 @@ fn reply_err(e: &EventError) -> Vec<u8> {
         .into_bytes()
 }
 
-async fn serve_socket(shared: Arc<Shared>, listener: tokio::net::UnixListener) {
+/// Accept for as long as the daemon runs. Every pending connection is taken off the backlog,
+/// even one the caps refuse (it is told why and closed), so connections that are never served
+/// cannot pile up in front of those that would be. Out of descriptors, it waits and retries; it
+/// never gives up on the socket.
+async fn serve_socket(shared: Arc<Shared>, listener: tokio::net::UnixListener, idle: Duration) {
+    let mut failing = false;
     loop {
         match listener.accept().await {
             Ok((conn, _)) => {
+                failing = false;
                 shared.idle.touch();
-                tokio::spawn(serve_connection(shared.clone(), conn));
+                let Some((sender, slot)) = admit(&shared, &conn) else {
+                    continue;
+                };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    serve_connection(shared, conn, sender, idle).await;
+                    // Counted until the connection is gone.
+                    drop(slot);
+                });
             }
             Err(e) => {
-                tracing::warn!(error = %e, "accept on the event socket failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // EMFILE/ENFILE leave the connection pending and the listener readable, so
+                // without the pause this would spin; said once per episode, not per retry.
+                if failing {
+                    tracing::debug!(error = %e, "accept on the event socket still failing");
+                } else {
+                    tracing::warn!(error = %e, "accept on the event socket failed; retrying");
+                    failing = true;
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
         }
     }
 }
 
-async fn serve_connection(shared: Arc<Shared>, conn: tokio::net::UnixStream) {
-    let source = match conn.peer_cred() {
-        Ok(c) => format!(
-            "socket uid={} gid={} pid={}",
-            c.uid(),
-            c.gid(),
-            c.pid().map_or_else(|| "?".into(), |p| p.to_string())
-        ),
+/// The sender of a new connection and its counted slot, or None once it was refused.
+fn admit(shared: &Shared, conn: &tokio::net::UnixStream) -> Option<(Sender, limits::Slot)> {
+    let cred = match conn.peer_cred() {
+        Ok(c) => c,
         Err(e) => {
-            tracing::debug!(error = %e, "no peer credentials on the event socket");
-            "socket".into()
+            // Unix sockets always carry credentials; without them nothing can be counted.
+            tracing::warn!(error = %e, "no peer credentials on the event socket; connection closed");
+            return None;
         }
     };
+    let sender = Sender {
+        uid: Some(cred.uid()),
+        source: format!(
+            "socket uid={} gid={} pid={}",
+            cred.uid(),
+            cred.gid(),
+            cred.pid().map_or_else(|| "?".into(), |p| p.to_string())
+        ),
+    };
+    match shared.connections.try_open(cred.uid()) {
+        Ok(slot) => Some((sender, slot)),
+        Err(refusal) => {
+            shared.reject("too_many_connections");
+            tracing::debug!(sender = %sender.source, %refusal, "event socket connection refused");
+            let reply = reply_err(&EventError::TooManyConnections(refusal.to_string()));
+            // A fresh connection's send buffer is empty: the refusal fits without waiting.
+            if let Err(e) = conn.try_write(&reply) {
+                tracing::debug!(error = %e, "could not tell a refused connection why");
+            }
+            None
+        }
+    }
+}
+
+async fn serve_connection(
+    shared: Arc<Shared>,
+    conn: tokio::net::UnixStream,
+    sender: Sender,
+    idle: Duration,
+) {
     // One byte more than accepted: a message that fills it was larger (SEQPACKET truncates).
     let mut buf = vec![0u8; MAX_MESSAGE_BYTES + 1];
     loop {
-        if let Err(e) = conn.readable().await {
-            tracing::debug!(error = %e, "event socket connection failed");
-            return;
+        match tokio::time::timeout(idle, conn.readable()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "event socket connection failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(sender = %sender.source, "idle event socket connection closed");
+                return;
+            }
         }
         let mut pending: Vec<Result<oneshot::Receiver<Result<String, EventError>>, EventError>> =
             Vec::new();
@@ -509,14 +577,19 @@ async fn serve_connection(shared: Arc<Shared>, conn: tokio::net::UnixStream) {
                 }
                 Ok(n) => {
                     shared.idle.touch();
-                    match Event::from_message(&buf[..n], MAX_MESSAGE_BYTES, &source) {
+                    match Event::from_message(&buf[..n], MAX_MESSAGE_BYTES, &sender.source) {
                         Ok(ev) => {
+                            let Ok(permit) = shared.in_flight.clone().acquire_owned().await else {
+                                pending.push(Err(EventError::Storage("daemon stopping".into())));
+                                continue;
+                            };
                             let (tx, rx) = oneshot::channel();
                             let shared2 = shared.clone();
-                            let src = source.clone();
+                            let sender2 = sender.clone();
                             // Submitted concurrently so one connection's burst shares a commit.
                             tokio::spawn(async move {
-                                let r = shared2.submit(ev, &src).await;
+                                let r = shared2.submit(ev, &sender2).await;
+                                drop(permit);
                                 if tx.send(r).is_err() {
                                     tracing::debug!("socket client gone before its reply");
                                 }
@@ -542,7 +615,7 @@ async fn serve_connection(shared: Arc<Shared>, conn: tokio::net::UnixStream) {
                 Ok(rx) => match rx.await {
                     Ok(Ok(id)) => reply_ok(&id),
                     Ok(Err(e)) => reply_err(&e),
-                    Err(_) => reply_err(&EventError::Message("event writer stopped".into())),
+                    Err(_) => reply_err(&EventError::Storage("event writer stopped".into())),
                 },
                 Err(e) => reply_err(&e),
             };
@@ -588,6 +661,7 @@ pub async fn serve(
     paths: Paths,
     cfg: Config,
     args: &Args,
+    system_senders: SystemSenders,
     socket: Option<std::os::unix::net::UnixListener>,
 ) -> anyhow::Result<()> {
     let dir = paths.state_dir().join("events");
@@ -609,12 +683,24 @@ pub async fn serve(
         ledger_reset = rec.ledger_reset,
         "event queue recovered"
     );
+    let (nofile, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .context("reading RLIMIT_NOFILE")?;
+    let budget = limits::connection_budget(nofile);
+    tracing::info!(
+        nofile,
+        connections = budget,
+        per_uid = MAX_CONNECTIONS_PER_UID,
+        "event socket connection caps"
+    );
     let (tx, rx) = mpsc::channel(SUBMIT_QUEUE);
     let idle = IdleTracker::new(cfg.daemon.idle_exit_secs);
     let shared = Arc::new(Shared {
         queue: Arc::new(Mutex::new(queue)),
         submit: tx,
         limiter: Mutex::new(RateLimiter::new(args.rate, args.burst)),
+        system_senders,
+        connections: ConnectionLimits::new(MAX_CONNECTIONS_PER_UID, budget),
+        in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
         status: Mutex::new(Status::default()),
         rejected: AtomicU64::new(0),
         idle: idle.clone(),
@@ -629,7 +715,8 @@ pub async fn serve(
         l.set_nonblocking(true)
             .context("event socket: non-blocking")?;
         let l = tokio::net::UnixListener::from_std(l).context("event socket")?;
-        tokio::spawn(serve_socket(shared.clone(), l));
+        let idle = Duration::from_secs(args.connection_idle_secs.max(1));
+        tokio::spawn(serve_socket(shared.clone(), l, idle));
         tracing::info!("serving the event socket");
     }
     let conn = zbus::connection::Builder::system()
@@ -693,10 +780,21 @@ pub fn entry(argv: impl IntoIterator<Item = OsString>) -> ExitCode {
             let cfg = Config::load(&paths)?;
             // Taken before the sandbox and the runtime: LISTEN_FDS is about this process only.
             let socket = take_socket()?;
+            // Resolved before the sandbox, which may hide the user database.
+            let system_senders = SystemSenders::resolve(&args.system_senders);
+            match std::fs::read_to_string("/proc/self/uid_map") {
+                Ok(map) if limits::uids_collapsed(&map) => tracing::warn!(
+                    uid_map = %map.trim(),
+                    "in a user namespace: socket senders whose uid is not mapped all read as \
+                     65534 and share one connection and rate allowance (drop PrivateUsers=)"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "reading /proc/self/uid_map"),
+            }
             // The sandbox grants write access to existing paths only.
             powernode::fsutil::ensure_dir(&paths.state_dir().join("events"), 0o700)?;
             let rt = powernode::daemon::start(Profile::Events, &paths)?;
-            rt.block_on(serve(paths, cfg, &args, socket))?;
+            rt.block_on(serve(paths, cfg, &args, system_senders, socket))?;
             Ok(ExitCode::SUCCESS)
         },
     )
@@ -707,28 +805,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rate_limit_is_per_sender_and_refills() {
-        let mut rl = RateLimiter::new(10, 5);
-        let t0 = Instant::now();
-        assert!((0..5).all(|_| rl.allow("a", t0)), "the burst passes");
-        assert!(!rl.allow("a", t0), "then the sender is limited");
-        assert!(rl.allow("b", t0), "others are not");
-        assert!(rl.allow("a", t0 + Duration::from_millis(100)), "refilled");
-        assert!(!rl.allow("a", t0 + Duration::from_millis(100)));
-        let later = t0 + Duration::from_secs(60);
-        assert_eq!(
-            (0..10).filter(|_| rl.allow("a", later)).count(),
-            5,
-            "capped at the burst"
-        );
-    }
-
-    #[test]
     fn replies() {
         let ok: serde_json::Value = serde_json::from_slice(&reply_ok("x")).unwrap_or_default();
         assert_eq!(ok["ok"], true);
         let e = reply_err(&EventError::Severity("low".into()));
         let v: serde_json::Value = serde_json::from_slice(&e).unwrap_or_default();
         assert_eq!(v["error"], "invalid_severity");
+        let v: serde_json::Value =
+            serde_json::from_slice(&reply_err(&EventError::Storage("ENOSPC".into())))
+                .unwrap_or_default();
+        assert_eq!(v["error"], "storage");
     }
 }

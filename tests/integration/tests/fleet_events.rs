@@ -25,7 +25,7 @@ use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr};
 use powernode::bus::FleetEvent1Proxy;
 use powernode_integration_tests::bus::PrivateBus;
 use powernode_integration_tests::devplatform::DevPlatform;
-use powernode_integration_tests::{bin, describe, require_tool, run};
+use powernode_integration_tests::{bin, describe, require_tool, run, run_ok};
 use serde_json::{Value, json};
 
 /// A TCP forwarder in front of the platform, so the test can take the platform "down" (every
@@ -166,6 +166,11 @@ impl Node {
     /// Start the daemon behind `systemd-socket-activate --seqpacket` (it binds the socket,
     /// and execs the daemon with LISTEN_FDS/LISTEN_PID on the first connection).
     fn spawn_socket_activated(&mut self, extra: &[&str]) -> Result<PathBuf> {
+        self.spawn_socket_activated_with(&[], extra)
+    }
+
+    /// The same, started through `wrapper` (a command and its arguments, e.g. `prlimit`).
+    fn spawn_socket_activated_with(&mut self, wrapper: &[&str], extra: &[&str]) -> Result<PathBuf> {
         let tool = require_tool("systemd-socket-activate")?;
         let dir = self.root.path().join("run/powernode");
         fs::create_dir_all(&dir)?;
@@ -174,7 +179,15 @@ impl Node {
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        let child = Command::new(tool)
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(tool);
+                c
+            }
+            None => Command::new(tool),
+        };
+        let child = cmd
             .arg("--seqpacket")
             .arg("--listen")
             .arg(&sock)
@@ -726,5 +739,342 @@ fn sigterm_flushes_the_queue_within_a_bound() -> Result<()> {
     node.outage.restore();
     node.spawn(&[])?;
     node.wait_delivered(&ids, Duration::from_secs(30))?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Trust boundaries of the event socket (issue 11, finding 8): one uid cannot keep another's
+// events out, forking does not buy a fresh rate, `system.*` is the suite's own, and a storage
+// failure is reported as one.
+
+/// A user that is neither root nor one of the suite's daemon users.
+const OUTSIDER: &str = "nobody";
+
+/// Let other uids reach the socket: the node root is a 0700 temporary directory.
+fn open_socket_to_all(root: &Path, sock: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    for dir in [
+        root.to_path_buf(),
+        root.join("run"),
+        root.join("run/powernode"),
+    ] {
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o711))?;
+    }
+    fs::set_permissions(sock, fs::Permissions::from_mode(0o666))?;
+    Ok(())
+}
+
+/// Send `messages` from another process (as `user`, or as the test's own uid when None) over
+/// one connection; its replies in order.
+fn client(user: Option<&str>, sock: &Path, messages: &[Value]) -> Result<Vec<Value>> {
+    let helper = bin("powernode-event-client")?;
+    let mut cmd = match user {
+        Some(user) => {
+            let mut c = Command::new(require_tool("setpriv")?);
+            c.arg(format!("--reuid={user}"))
+                .arg(format!("--regid={user}"))
+                .arg("--clear-groups")
+                .arg(helper);
+            c
+        }
+        None => Command::new(helper),
+    };
+    cmd.arg(sock).args(messages.iter().map(Value::to_string));
+    let out = run(&mut cmd)?;
+    ensure!(
+        out.status.success(),
+        "client as {user:?}: {}",
+        describe(&out)
+    );
+    String::from_utf8(out.stdout)?
+        .lines()
+        .map(|l| Ok(serde_json::from_str(l)?))
+        .collect()
+}
+
+fn uid_of(user: &str) -> Result<u32> {
+    Ok(nix::unistd::User::from_name(user)?
+        .with_context(|| format!("no user {user}"))?
+        .uid
+        .as_raw())
+}
+
+/// Finding 8 as measured at 809959e: under a 256-descriptor limit, 300 idle connections from
+/// one uid made accept() fail with EMFILE, and nobody else's events got in. Now that uid holds
+/// at most its share, the rest are told `too_many_connections`, and another client is served.
+#[test]
+fn idle_connections_from_one_uid_do_not_keep_another_clients_events_out() -> Result<()> {
+    const IDLE: usize = 300;
+    const PER_UID: usize = 16; // MAX_CONNECTIONS_PER_UID in fleeteventd
+    let mut node = Node::start()?;
+    let prlimit = require_tool("prlimit")?;
+    // The daemon runs under the same descriptor limit as in the finding (the unit's own
+    // LimitNOFILE= is larger; the caps follow whatever limit the daemon finds).
+    let sock = node.spawn_socket_activated_with(
+        &[
+            prlimit.to_str().context("prlimit path")?,
+            "--nofile=256:256",
+            "--",
+        ],
+        &[],
+    )?;
+    open_socket_to_all(node.root.path(), &sock)?;
+    let idle: Vec<SocketClient> = (0..IDLE)
+        .map(|_| SocketClient::connect(&sock))
+        .collect::<Result<_>>()?;
+
+    let started = Instant::now();
+    let replies = client(
+        Some(OUTSIDER),
+        &sock,
+        &[json!({"kind":"test.other_uid","payload":{"n":1}})],
+    )?;
+    ensure!(
+        replies.len() == 1 && replies[0]["ok"] == true,
+        "the other client's event: {replies:?}\n{}",
+        tail(&node.log())
+    );
+    let id = replies[0]["id"].as_str().context("id")?.to_string();
+    println!("another uid's event accepted in {:?}", started.elapsed());
+
+    // Every idle connection was accepted (none left in the backlog): the uid's share is held
+    // open, the rest were told why and closed.
+    let (mut refused, mut held) = (0, 0);
+    let mut buf = [0u8; 4096];
+    for c in &idle {
+        match nix::sys::socket::recv(c.0.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(n) => {
+                let v: Value = serde_json::from_slice(&buf[..n])?;
+                ensure!(v["error"] == "too_many_connections", "{v}");
+                refused += 1;
+            }
+            Err(nix::errno::Errno::EAGAIN) => held += 1,
+            Err(e) => bail!("idle connection: {e}"),
+        }
+    }
+    ensure!(
+        (held, refused) == (PER_UID, IDLE - PER_UID),
+        "{held} idle connections held, {refused} refused"
+    );
+    ensure!(
+        node.daemon
+            .as_mut()
+            .context("daemon")?
+            .try_wait()?
+            .is_none(),
+        "daemon exited: {}",
+        tail(&node.log())
+    );
+    let rec = node.wait_delivered(&HashSet::from([id.clone()]), Duration::from_secs(20))?;
+    let uid = uid_of(OUTSIDER)?;
+    let event = rec["events"]
+        .as_array()
+        .context("events")?
+        .iter()
+        .find(|e| e["correlation_id"] == id.as_str())
+        .context("the other uid's event")?;
+    ensure!(
+        event["source"]
+            .as_str()
+            .is_some_and(|s| s.starts_with(&format!("socket uid={uid} "))),
+        "recorded with its sender: {event}"
+    );
+    Ok(())
+}
+
+/// A connection that sends nothing is closed after `--connection-idle-secs`, and its slot is
+/// free again for the same uid.
+#[test]
+fn idle_connections_are_closed_and_their_slots_freed() -> Result<()> {
+    let mut node = Node::start()?;
+    let sock = node.spawn_socket_activated(&["--connection-idle-secs", "1"])?;
+    let busy = SocketClient::connect(&sock)?;
+    let idle: Vec<SocketClient> = (0..15)
+        .map(|_| SocketClient::connect(&sock))
+        .collect::<Result<_>>()?;
+    let over = SocketClient::connect(&sock)?;
+    ensure!(over.reply()?["error"] == "too_many_connections");
+    // The busy connection speaks more often than the idle time; the others stay silent.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(2500) {
+        let r = busy.call(br#"{"kind":"test.keepalive"}"#)?;
+        ensure!(r["ok"] == true, "{r}");
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let mut buf = [0u8; 64];
+    for c in &idle {
+        let n = nix::sys::socket::recv(c.0.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT)?;
+        ensure!(n == 0, "an idle connection is still open");
+    }
+    let r = busy.call(br#"{"kind":"test.still_open"}"#)?;
+    ensure!(r["ok"] == true, "the busy connection: {r}");
+    let fresh = SocketClient::connect(&sock)?;
+    let r = fresh.call(br#"{"kind":"test.fresh"}"#)?;
+    ensure!(r["ok"] == true, "a slot freed by the idle timeout: {r}");
+    Ok(())
+}
+
+/// The rate is the uid's, not the process's: a fork of a limited sender is limited too, while
+/// another uid keeps its own allowance.
+#[test]
+fn a_fork_does_not_reset_the_rate_limit() -> Result<()> {
+    let mut node = Node::start()?;
+    let sock = node.spawn_socket_activated(&["--rate", "1", "--burst", "10"])?;
+    open_socket_to_all(node.root.path(), &sock)?;
+    let c = SocketClient::connect(&sock)?;
+    for n in 0..10 {
+        let r = c.call(
+            json!({"kind":"test.burst","payload":{"n":n}})
+                .to_string()
+                .as_bytes(),
+        )?;
+        ensure!(r["ok"] == true, "event {n} of the burst: {r}");
+    }
+    let r = c.call(br#"{"kind":"test.burst"}"#)?;
+    ensure!(r["error"] == "rate_limited", "over the burst: {r}");
+
+    let forked = client(None, &sock, &[json!({"kind":"test.forked"})])?;
+    ensure!(
+        forked.len() == 1 && forked[0]["error"] == "rate_limited",
+        "a new process of the same uid got a fresh allowance: {forked:?}"
+    );
+    let other = client(Some(OUTSIDER), &sock, &[json!({"kind":"test.other_uid"})])?;
+    ensure!(
+        other.len() == 1 && other[0]["ok"] == true,
+        "another uid was limited too: {other:?}"
+    );
+    Ok(())
+}
+
+/// `system.*` kinds speak for the suite: root (and the daemon users) may emit them, another uid
+/// is refused `reserved_kind`, and nothing it sent there reaches the platform.
+#[test]
+fn system_kinds_are_refused_from_uids_outside_the_suite() -> Result<()> {
+    let mut node = Node::start()?;
+    let sock = node.spawn_socket_activated(&[])?;
+    open_socket_to_all(node.root.path(), &sock)?;
+    let rotated =
+        json!({"kind":"system.cert.rotated","severity":"critical","payload":{"serial":"1"}});
+    let outsider = client(
+        Some(OUTSIDER),
+        &sock,
+        &[
+            rotated.clone(),
+            json!({"kind":"system","severity":"critical"}),
+            json!({"kind":"app.started"}),
+        ],
+    )?;
+    ensure!(outsider.len() == 3, "{outsider:?}");
+    for r in &outsider[..2] {
+        ensure!(
+            r["ok"] == false && r["error"] == "reserved_kind",
+            "a system kind from {OUTSIDER}: {r}"
+        );
+    }
+    ensure!(
+        outsider[2]["ok"] == true,
+        "an ordinary kind: {}",
+        outsider[2]
+    );
+    let ours = SocketClient::connect(&sock)?.call(rotated.to_string().as_bytes())?;
+    ensure!(ours["ok"] == true, "root's system event: {ours}");
+
+    let ids: HashSet<String> = [&outsider[2], &ours]
+        .iter()
+        .map(|r| r["id"].as_str().map(str::to_string).context("id"))
+        .collect::<Result<_>>()?;
+    let rec = node.wait_delivered(&ids, Duration::from_secs(20))?;
+    let uid = uid_of(OUTSIDER)?;
+    let system_from_outsider = rec["events"]
+        .as_array()
+        .context("events")?
+        .iter()
+        .filter(|e| {
+            e["kind"].as_str().is_some_and(|k| k.starts_with("system"))
+                && e["source"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with(&format!("socket uid={uid} ")))
+        })
+        .count();
+    ensure!(
+        system_from_outsider == 0,
+        "{system_from_outsider} system events from {OUTSIDER} reached the platform"
+    );
+    Ok(())
+}
+
+/// A tmpfs mounted for one test, lazily unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Result<Tmpfs> {
+        fs::create_dir_all(at)?;
+        run_ok(
+            Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size},mode=0700"),
+                    "tmpfs",
+                ])
+                .arg(at),
+        )?;
+        Ok(Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        match Command::new("umount").arg("-l").arg(&self.0).status() {
+            Ok(s) if s.success() => {}
+            other => eprintln!("unmounting {}: {other:?}", self.0.display()),
+        }
+    }
+}
+
+/// A valid event the queue cannot store (its filesystem full) is answered `storage`, not
+/// `invalid_message`; once there is room again, events are stored as before.
+#[test]
+fn a_full_queue_filesystem_is_reported_as_storage() -> Result<()> {
+    let mut node = Node::start()?;
+    let queue_dir = node.root.path().join("persist/var/lib/powernode/events");
+    let _fs = Tmpfs::mount(&queue_dir, "256k")?;
+    let sock = node.spawn_socket_activated(&[])?;
+    let c = SocketClient::connect(&sock)?;
+    let r = c.call(br#"{"kind":"test.before_full"}"#)?;
+    ensure!(r["ok"] == true, "{r}");
+
+    // Fill what is left; a page-sized payload then needs space the filesystem does not have.
+    let filler = queue_dir.join("filler");
+    {
+        let mut f = fs::File::create(&filler)?;
+        let block = vec![0u8; 4096];
+        loop {
+            match f.write_all(&block) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
+                Err(e) => return Err(e).context("filling the queue filesystem"),
+            }
+        }
+    }
+    let big = json!({"kind":"test.full","payload":{"x":"a".repeat(12_000)}}).to_string();
+    let r = c.call(big.as_bytes())?;
+    ensure!(
+        r["ok"] == false && r["error"] == "storage",
+        "an event the disk could not hold: {r}"
+    );
+    ensure!(
+        r["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("No space left")),
+        "the reason is kept: {r}"
+    );
+
+    fs::remove_file(&filler)?;
+    let r = c.call(big.as_bytes())?;
+    ensure!(r["ok"] == true, "with room again: {r}");
+    let id = r["id"].as_str().context("id")?.to_string();
+    node.wait_delivered(&HashSet::from([id]), Duration::from_secs(20))?;
     Ok(())
 }
