@@ -770,9 +770,11 @@ fn client(user: Option<&str>, sock: &Path, messages: &[Value]) -> Result<Vec<Val
     let helper = bin("powernode-event-client")?;
     let mut cmd = match user {
         Some(user) => {
+            // Debian's nobody has no group of its own name.
+            let group = if user == "nobody" { "nogroup" } else { user };
             let mut c = Command::new(require_tool("setpriv")?);
             c.arg(format!("--reuid={user}"))
-                .arg(format!("--regid={user}"))
+                .arg(format!("--regid={group}"))
                 .arg("--clear-groups")
                 .arg(helper);
             c
