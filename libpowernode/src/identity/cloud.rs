@@ -2,12 +2,17 @@
 //! a question only its cloud answers (the detection step: any "absent" answer means "not this
 //! cloud"), then fetches the user-data and parses it in the three formats.
 //!
+//! Nothing is sent unless the firmware names the cloud (DMI vendor strings, see
+//! [`super::dmi::Firmware::names`]): the metadata address is link-local, and on a LAN or in a test
+//! machine whatever answers there is not a cloud. Only a node without any DMI is probed blindly.
+//!
 //! URLs and headers are each cloud's documented interface; the base address is
 //! [`super::Settings::metadata_url`] (`http://169.254.169.254`, loopback in tests).
 
 use base64::Engine;
 use reqwest::Method;
 
+use super::dmi::firmware;
 use super::http::{MetaError, fetch};
 use super::userdata::parse_user_data;
 use super::{Ctx, Identity, Probe, ProbeFuture, Source, Strategy};
@@ -66,6 +71,20 @@ const HETZNER: Spec = Spec {
 
 fn err(source: Source, e: impl std::fmt::Display) -> Error {
     Error::Identity(format!("{}: {e}", source.as_str()))
+}
+
+/// `Some(absent)` when the firmware says this node is not one of `source`'s machines: then the
+/// cloud is not asked anything. A node without DMI at all is probed blindly.
+fn ruled_out_by_firmware(ctx: &Ctx, source: Source) -> Result<Option<Probe>> {
+    Ok(match firmware(ctx)? {
+        None => None,
+        Some(fw) if fw.names(source) => None,
+        Some(fw) => Some(Probe::Absent(format!(
+            "{}: not probed: the firmware does not name this cloud ({})",
+            source.as_str(),
+            fw.describe()
+        ))),
+    })
 }
 
 /// The detection step's verdict: `Ok(None)` when the cloud is there.
@@ -157,6 +176,9 @@ pub(super) fn identity_from_user_data(source: Source, what: &str, body: &[u8]) -
 }
 
 async fn simple(ctx: &Ctx, spec: &Spec) -> Result<Probe> {
+    if let Some(absent) = ruled_out_by_firmware(ctx, spec.source)? {
+        return Ok(absent);
+    }
     if let Err(absent) = detect(
         ctx,
         spec.source,
@@ -184,6 +206,9 @@ impl Strategy for Aws {
     }
     fn probe<'a>(&'a self, ctx: &'a Ctx) -> ProbeFuture<'a> {
         Box::pin(async move {
+            if let Some(absent) = ruled_out_by_firmware(ctx, Source::Aws)? {
+                return Ok(absent);
+            }
             let reply = match detect(
                 ctx,
                 Source::Aws,

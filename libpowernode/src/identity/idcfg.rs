@@ -2,7 +2,17 @@
 //! `/persist/var/lib/powernode/identity.cfg` (which survives reboots on nodes with /persist).
 //!
 //! Format: shell-style `KEY=VALUE` lines (`ID`, `KEY`, `SERVER`, `CA_PEM`, `CA_PEM_FILE`), `#`
-//! comments, optional `export ` prefix, surrounding quotes stripped.
+//! comments, optional `export ` prefix, surrounding quotes stripped. `CA_PEM_FILE` is read only
+//! beneath the directory of the identity.cfg that names it, and only if it holds certificates
+//! (see [`read_ca_file`]).
+
+use std::io::Read;
+use std::path::{Component, Path};
+
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
+use nix::sys::stat::Mode;
+use x509_parser::pem::Pem;
 
 use super::{Ctx, Fields, Identity, Probe, Source, Strategy};
 use crate::fsutil::read_optional;
@@ -84,10 +94,10 @@ impl Strategy for LocalIdentityCfg {
     }
 }
 
-/// Inline `CA_PEM` wins; a `CA_PEM_FILE` path is resolved under the node root and must exist.
+/// Inline `CA_PEM` wins; otherwise `CA_PEM_FILE` is read through [`read_ca_file`].
 pub(super) fn fill_ca(
     paths: &crate::paths::Paths,
-    cfg_path: &std::path::Path,
+    cfg_path: &Path,
     cfg: &mut IdentityCfg,
 ) -> Result<()> {
     if cfg.fields.ca_pem.is_some() {
@@ -96,14 +106,106 @@ pub(super) fn fill_ca(
     let Some(f) = cfg.ca_pem_file.take() else {
         return Ok(());
     };
-    let ca_path = paths.under(&f);
-    let ca = read_optional(&ca_path, MAX_CFG)?.ok_or_else(|| {
-        Error::Identity(format!(
-            "{}: CA_PEM_FILE {} missing",
-            cfg_path.display(),
-            ca_path.display()
-        ))
+    let refuse =
+        |why: String| Error::Identity(format!("{}: CA_PEM_FILE {f}: {why}", cfg_path.display()));
+    let ca = read_ca_file(paths, cfg_path, &f).map_err(refuse)?;
+    cfg.fields.ca_pem = Some(ca);
+    Ok(())
+}
+
+/// Read `CA_PEM_FILE` (`name`, as written in the identity.cfg at `cfg_path`).
+///
+/// identityd can read root-only files (it holds CAP_DAC_READ_SEARCH for `product_uuid`), and
+/// some identity.cfg files are writable by its own user (`/persist/var/lib/powernode`). So the
+/// file is read only beneath the directory of the identity.cfg that names it: an absolute path
+/// elsewhere, any `..` and any symlink leading out are refused (the kernel resolves the path
+/// with `RESOLVE_BENEATH`, so a symlink swapped in after the check cannot lead out either), and
+/// the content must be PEM certificates and nothing else (a private key beside the cfg is not
+/// copied into identity.json). A relative name is taken from that directory.
+fn read_ca_file(
+    paths: &crate::paths::Paths,
+    cfg_path: &Path,
+    name: &str,
+) -> std::result::Result<String, String> {
+    let dir = cfg_path
+        .parent()
+        .ok_or_else(|| "the identity.cfg has no directory".to_string())?;
+    let named = Path::new(name);
+    if named.components().any(|c| c == Component::ParentDir) {
+        return Err("`..` is not allowed".into());
+    }
+    let full = if named.is_absolute() {
+        paths.under(name)
+    } else {
+        dir.join(named)
+    };
+    let rel = full.strip_prefix(dir).map_err(|_| {
+        format!(
+            "outside {}: a CA file is read only beside the identity.cfg that names it",
+            dir.display()
+        )
     })?;
-    cfg.fields.ca_pem = Some(String::from_utf8_lossy(&ca).into_owned());
+    if rel.as_os_str().is_empty() {
+        return Err("names the identity.cfg's directory, not a file".into());
+    }
+    let dirfd = open(
+        dir,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("opening {}: {e}", dir.display()))?;
+    let how = OpenHow::new()
+        // O_NONBLOCK: a FIFO planted there must not hang discovery; it is refused below.
+        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let fd = openat2(&dirfd, rel, how).map_err(|e| match e {
+        Errno::ENOENT => format!("{} missing", full.display()),
+        Errno::EXDEV | Errno::ELOOP => format!(
+            "{} leads out of {} (symlink or mount)",
+            full.display(),
+            dir.display()
+        ),
+        e => format!("{}: {e}", full.display()),
+    })?;
+    let file = std::fs::File::from(fd);
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", full.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", full.display()));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_CFG + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{}: {e}", full.display()))?;
+    if bytes.len() as u64 > MAX_CFG {
+        return Err(format!("{} is larger than {MAX_CFG} bytes", full.display()));
+    }
+    check_pem_certificates(&bytes).map_err(|why| format!("{}: {why}", full.display()))?;
+    String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8", full.display()))
+}
+
+/// PEM text that holds X.509 certificates and nothing else: every `-----BEGIN` block is a
+/// parsable `CERTIFICATE`, and there is at least one.
+fn check_pem_certificates(bytes: &[u8]) -> std::result::Result<(), String> {
+    const NOT_PEM: &str = "not a PEM certificate";
+    let text = std::str::from_utf8(bytes).map_err(|_| NOT_PEM.to_string())?;
+    let blocks = text.matches("-----BEGIN ").count();
+    let mut certs = 0;
+    for pem in Pem::iter_from_buffer(bytes) {
+        let pem = pem.map_err(|e| format!("{NOT_PEM} ({e})"))?;
+        if pem.label != "CERTIFICATE" {
+            return Err(format!(
+                "holds a {:?} block: only CERTIFICATE blocks are accepted",
+                pem.label
+            ));
+        }
+        pem.parse_x509()
+            .map_err(|e| format!("{NOT_PEM} (block {}: {e})", certs + 1))?;
+        certs += 1;
+    }
+    if certs == 0 || certs != blocks {
+        return Err(NOT_PEM.into());
+    }
     Ok(())
 }

@@ -6,6 +6,10 @@
 //! instance UUID wins; a strategy that finds nothing says why, and a strategy that fails is
 //! remembered and reported only if nothing wins.
 //!
+//! The clouds are asked only when the firmware names them (DMI vendor strings, `dmi.rs`); a node
+//! with no DMI at all is the one case where every cloud is probed blindly. `CA_PEM_FILE` is read
+//! only beside the identity.cfg that names it, and only if it holds certificates (`idcfg.rs`).
+//!
 //! Speed: the two leading local strategies are read first (no packet leaves the node when they
 //! match); everything else then starts at once, and the cascade walks the results in order, so a
 //! black-holed metadata address costs one overall deadline ([`Settings::deadline`], 1.8 s), not the

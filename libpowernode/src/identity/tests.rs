@@ -125,31 +125,215 @@ fn precedence_cmdline_over_fwcfg_over_identity_cfg() {
     );
 }
 
+/// A real self-signed certificate and its private key, both PEM.
+fn cert_and_key() -> (String, String) {
+    let ck = rcgen::generate_simple_self_signed(vec!["ca.example".into()]).unwrap();
+    (ck.cert.pem(), ck.signing_key.serialize_pem())
+}
+
 #[test]
 fn persist_identity_cfg_and_ca_file_under_root() {
     let d = tempfile::tempdir().unwrap();
     let r = d.path();
+    let (cert, _) = cert_and_key();
     put(
         r,
         "persist/var/lib/powernode/identity.cfg",
-        "ID=p-1\nKEY=t\nSERVER=https://s\nCA_PEM_FILE=/boot/ca.pem\n",
+        "ID=p-1\nKEY=t\nSERVER=https://s\nCA_PEM_FILE=/persist/var/lib/powernode/ca.pem\n",
     );
-    put(r, "boot/ca.pem", CA);
+    put(r, "persist/var/lib/powernode/ca.pem", &cert);
     let id = resolve(&Paths::new(r)).unwrap();
     assert_eq!(id.instance_uuid, "p-1");
-    assert_eq!(id.ca_pem.as_deref(), Some(CA));
+    assert_eq!(id.ca_pem.as_deref(), Some(cert.as_str()));
     assert!(
         id.evidence
             .contains("persist/var/lib/powernode/identity.cfg")
     );
 
+    // A relative name is taken from the identity.cfg's directory.
     put(
         r,
         "persist/var/lib/powernode/identity.cfg",
-        "ID=p-1\nCA_PEM_FILE=/boot/missing.pem\n",
+        "ID=p-1\nCA_PEM_FILE=ca.pem\n",
+    );
+    assert_eq!(
+        resolve(&Paths::new(r)).unwrap().ca_pem.as_deref(),
+        Some(cert.as_str())
+    );
+
+    put(
+        r,
+        "persist/var/lib/powernode/identity.cfg",
+        "ID=p-1\nCA_PEM_FILE=/persist/var/lib/powernode/missing.pem\n",
     );
     let err = resolve(&Paths::new(r)).unwrap_err().to_string();
-    assert!(err.contains("CA_PEM_FILE"), "{err}");
+    assert!(
+        err.contains("CA_PEM_FILE") && err.contains("missing"),
+        "{err}"
+    );
+}
+
+/// identityd reads root-only files, and /persist/var/lib/powernode/identity.cfg is writable by
+/// its own user: `CA_PEM_FILE` must not turn that into a way to copy any file into
+/// identity.json.
+#[test]
+fn ca_pem_file_is_read_only_beside_its_identity_cfg_and_only_certificates() {
+    use std::os::unix::fs::symlink;
+    let d = tempfile::tempdir().unwrap();
+    let r = d.path();
+    let (cert, key) = cert_and_key();
+    const SHADOW: &str = "root:$6$SECRETHASH:19000:0:99999:7:::\n";
+    put(r, "etc/shadow", SHADOW);
+    put(r, "etc/ssl/certs/other-ca.pem", &cert);
+    put(r, "boot/ca.pem", &cert);
+    let pn = "persist/var/lib/powernode";
+    put(r, &format!("{pn}/pki/node.key"), &key);
+    put(r, &format!("{pn}/combined.pem"), &format!("{cert}{key}"));
+    put(
+        r,
+        &format!("{pn}/fake.pem"),
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    );
+    put(r, &format!("{pn}/shadow-copy"), SHADOW);
+    symlink(r.join("etc/shadow"), r.join(pn).join("abs-link.pem")).unwrap();
+    symlink("../../../../etc/shadow", r.join(pn).join("rel-link.pem")).unwrap();
+    symlink("pki", r.join(pn).join("pki-link")).unwrap();
+    nix::unistd::mkfifo(
+        &r.join(pn).join("fifo.pem"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+
+    let cases: &[(&str, &str)] = &[
+        ("/etc/shadow", "outside"),
+        ("/etc/ssl/certs/other-ca.pem", "outside"),
+        ("/boot/ca.pem", "outside"),
+        ("/persist/var/lib/powernode/../../../../etc/shadow", "`..`"),
+        ("../../../../etc/shadow", "`..`"),
+        ("abs-link.pem", "leads out"),
+        ("rel-link.pem", "leads out"),
+        ("pki/node.key", "\"PRIVATE KEY\" block"),
+        ("pki-link/node.key", "\"PRIVATE KEY\" block"),
+        ("combined.pem", "\"PRIVATE KEY\" block"),
+        ("fake.pem", "not a PEM certificate"),
+        ("shadow-copy", "not a PEM certificate"),
+        ("fifo.pem", "not a regular file"),
+        ("/persist/var/lib/powernode", "not a file"),
+    ];
+    for (name, needle) in cases {
+        put(
+            r,
+            &format!("{pn}/identity.cfg"),
+            &format!("ID=p-1\nCA_PEM_FILE={name}\n"),
+        );
+        let err = resolve(&Paths::new(r)).unwrap_err().to_string();
+        assert!(
+            err.contains("identity-cfg: error")
+                && err.contains("CA_PEM_FILE")
+                && err.contains(needle),
+            "{name}: want {needle:?} in {err}"
+        );
+        assert!(
+            !err.contains("SECRETHASH") && !err.contains("PRIVATE KEY-----"),
+            "{err}"
+        );
+    }
+
+    // The same file named by the identity.cfg in its own directory is fine.
+    put(
+        r,
+        "etc/identity.cfg",
+        "ID=e-1\nCA_PEM_FILE=/etc/ssl/certs/other-ca.pem\n",
+    );
+    let id = resolve(&Paths::new(r)).unwrap();
+    assert_eq!(
+        (id.instance_uuid.as_str(), id.ca_pem.as_deref()),
+        ("e-1", Some(cert.as_str()))
+    );
+    // /etc/shadow beside /etc/identity.cfg is still not a certificate.
+    put(r, "etc/identity.cfg", "ID=e-1\nCA_PEM_FILE=/etc/shadow\n");
+    let err = resolve(&Paths::new(r)).unwrap_err().to_string();
+    assert!(
+        err.contains("not a PEM certificate") && !err.contains("SECRETHASH"),
+        "{err}"
+    );
+}
+
+fn dmi(root: &Path, files: &[(&str, &str)]) {
+    fs::create_dir_all(root.join("sys/class/dmi/id")).unwrap();
+    for (f, v) in files {
+        put(root, &format!("sys/class/dmi/id/{f}"), &format!("{v}\n"));
+    }
+}
+
+/// Which clouds the firmware names, per vendor strings (ds-identify's facts).
+#[test]
+fn the_firmware_names_the_cloud_to_probe() {
+    use super::dmi::firmware;
+    const CLOUDS: [Source; 5] = [
+        Source::Aws,
+        Source::Gcp,
+        Source::Azure,
+        Source::Digitalocean,
+        Source::Hetzner,
+    ];
+    let cases: &[(&[(&str, &str)], &[Source])] = &[
+        (
+            &[
+                ("sys_vendor", "QEMU"),
+                ("product_name", "Standard PC (Q35 + ICH9, 2009)"),
+            ],
+            &[],
+        ),
+        (&[], &[]),
+        (
+            &[("sys_vendor", "Amazon EC2"), ("product_name", "m5.large")],
+            &[Source::Aws],
+        ),
+        (&[("bios_vendor", "Amazon EC2")], &[Source::Aws]),
+        (
+            &[("sys_vendor", "Xen"), ("bios_version", "4.11.amazon")],
+            &[Source::Aws],
+        ),
+        (
+            &[
+                ("sys_vendor", "Google"),
+                ("product_name", "Google Compute Engine"),
+            ],
+            &[Source::Gcp],
+        ),
+        (&[("board_vendor", "Google")], &[Source::Gcp]),
+        (
+            &[
+                ("sys_vendor", "Microsoft Corporation"),
+                ("chassis_asset_tag", "7783-7084-3265-9085-8269-3286-77"),
+            ],
+            &[Source::Azure],
+        ),
+        (&[("sys_vendor", "Microsoft Corporation")], &[]),
+        (
+            &[("sys_vendor", "DigitalOcean"), ("product_name", "Droplet")],
+            &[Source::Digitalocean],
+        ),
+        (
+            &[("sys_vendor", "Hetzner"), ("product_name", "vServer")],
+            &[Source::Hetzner],
+        ),
+        // Exact values, as firmware writes them: a look-alike is not the cloud.
+        (&[("sys_vendor", "Hetzner Online GmbH")], &[]),
+        (&[("product_name", "Not Google Compute Engine")], &[]),
+    ];
+    for (files, want) in cases {
+        let d = tempfile::tempdir().unwrap();
+        dmi(d.path(), files);
+        let ctx = Ctx::new(Paths::new(d.path()), Settings::default()).unwrap();
+        let fw = firmware(&ctx).unwrap().expect("a DMI directory");
+        let got: Vec<Source> = CLOUDS.into_iter().filter(|s| fw.names(*s)).collect();
+        assert_eq!(&got, want, "{files:?}");
+    }
+    let d = tempfile::tempdir().unwrap();
+    let ctx = Ctx::new(Paths::new(d.path()), Settings::default()).unwrap();
+    assert!(firmware(&ctx).unwrap().is_none(), "no DMI at all");
 }
 
 #[test]

@@ -14,9 +14,14 @@
 //! (which spawn daemons) and async tests use them alike. The code under test is pointed at a fake
 //! through `[identity] metadata_url` or `POWERNODE_METADATA_URL`; nothing here ever touches
 //! 169.254.169.254.
+//!
+//! identityd asks a cloud only when the firmware names it, so each cloud also has its fake DMI
+//! strings ([`Cloud::dmi`], written by [`fake_dmi`] under a node root); [`QEMU_DMI`] is a machine
+//! that is no cloud, and a root without `sys/class/dmi/id` is a node without DMI (probed blindly).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,6 +44,85 @@ pub enum Cloud {
     Azure,
     DigitalOcean,
     Hetzner,
+}
+
+impl Cloud {
+    pub const ALL: [Cloud; 5] = [
+        Cloud::Aws,
+        Cloud::Gcp,
+        Cloud::Azure,
+        Cloud::DigitalOcean,
+        Cloud::Hetzner,
+    ];
+
+    /// The SMBIOS strings this cloud's VMs show in `/sys/class/dmi/id` (file, value).
+    pub fn dmi(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Cloud::Aws => &[
+                ("sys_vendor", "Amazon EC2"),
+                ("product_name", "m5.large"),
+                ("bios_vendor", "Amazon EC2"),
+                ("board_vendor", "Amazon EC2"),
+                ("chassis_asset_tag", "Amazon EC2"),
+            ],
+            Cloud::Gcp => &[
+                ("sys_vendor", "Google"),
+                ("product_name", "Google Compute Engine"),
+                ("bios_vendor", "Google"),
+                ("board_vendor", "Google"),
+            ],
+            Cloud::Azure => &[
+                ("sys_vendor", "Microsoft Corporation"),
+                ("product_name", "Virtual Machine"),
+                ("bios_vendor", "Microsoft Corporation"),
+                ("board_vendor", "Microsoft Corporation"),
+                ("chassis_asset_tag", "7783-7084-3265-9085-8269-3286-77"),
+            ],
+            Cloud::DigitalOcean => &[
+                ("sys_vendor", "DigitalOcean"),
+                ("product_name", "Droplet"),
+                ("bios_vendor", "DigitalOcean"),
+            ],
+            Cloud::Hetzner => &[
+                ("sys_vendor", "Hetzner"),
+                ("product_name", "vServer"),
+                ("bios_vendor", "Hetzner"),
+            ],
+        }
+    }
+
+    /// Every request the identity code sends to this cloud starts with this path.
+    pub fn path_prefix(self) -> &'static str {
+        match self {
+            Cloud::Aws => "/latest/",
+            Cloud::Gcp => "/computeMetadata/",
+            Cloud::Azure => "/metadata/instance",
+            Cloud::DigitalOcean => "/metadata/v1/",
+            Cloud::Hetzner => "/hetzner/",
+        }
+    }
+}
+
+/// A machine that is no cloud: QEMU's SMBIOS strings (q35, SeaBIOS).
+pub const QEMU_DMI: &[(&str, &str)] = &[
+    ("sys_vendor", "QEMU"),
+    ("product_name", "Standard PC (Q35 + ICH9, 2009)"),
+    ("bios_vendor", "SeaBIOS"),
+    ("bios_version", "1.16.2-debian-1.16.2-1"),
+    ("board_vendor", ""),
+    ("chassis_asset_tag", ""),
+];
+
+/// Write a fake `/sys/class/dmi/id` under the node root `root` with these strings.
+pub fn fake_dmi(root: &Path, strings: &[(&str, &str)]) -> Result<()> {
+    let dir = root.join("sys/class/dmi/id");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (file, value) in strings {
+        let p = dir.join(file);
+        std::fs::write(&p, format!("{value}\n"))
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
 }
 
 /// What the user-data endpoint does.

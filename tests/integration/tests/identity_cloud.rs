@@ -2,7 +2,8 @@
 //! server on loopback (tests/integration/src/metadata.rs): each cloud's wire format and headers,
 //! the three user-data formats, hostile replies (garbage, binary, 100 MB, invalid UUID, no
 //! answer, refused, 404 vs 500 vs reset), the deadline, precedence, and claim polling.
-//! The real probe code runs; only the metadata base URL points at loopback.
+//! The real probe code runs; only the metadata base URL points at loopback. Which clouds are
+//! asked at all follows the fake DMI tree under the node root (none: every cloud is asked).
 #![allow(clippy::unwrap_used)]
 
 use std::fs;
@@ -15,7 +16,7 @@ use powernode::config::Config;
 use powernode::identity::{self, Ctx, Resolution, Settings, Source};
 use powernode::paths::Paths;
 use powernode_integration_tests::metadata::{
-    ClaimStep, Cloud, FakeClaim, FakeMetadata, UserData, refused_url,
+    ClaimStep, Cloud, FakeClaim, FakeMetadata, QEMU_DMI, UserData, fake_dmi, refused_url,
 };
 
 const UUID: &str = "0b6a4c1e-5f7d-4c1a-9e2b-3d4f5a6b7c8d";
@@ -198,6 +199,135 @@ async fn every_cloud_in_its_wire_format_and_every_user_data_format() {
     }
 }
 
+/// Each cloud's detection request, as the fakes log it (status left off).
+const DETECTIONS: [(Cloud, &str); 5] = [
+    (Cloud::Aws, "PUT /latest/api/token"),
+    (Cloud::Gcp, "GET /computeMetadata/v1/"),
+    (Cloud::Azure, "GET /metadata/instance?api-version="),
+    (Cloud::DigitalOcean, "GET /metadata/v1/id"),
+    (Cloud::Hetzner, "GET /hetzner/v1/metadata/instance-id"),
+];
+
+fn asked(reqs: &[String], cloud: Cloud) -> bool {
+    let prefix = cloud.path_prefix();
+    reqs.iter().any(|l| {
+        l.split_whitespace()
+            .nth(1)
+            .is_some_and(|p| p.starts_with(prefix))
+    })
+}
+
+/// Firmware that names a cloud: only that cloud is asked, and it is found.
+#[tokio::test]
+async fn the_firmware_names_the_only_cloud_asked() {
+    for cloud in Cloud::ALL {
+        let fake = FakeMetadata::start(cloud, UserData::Body(json_ud(UUID))).unwrap();
+        let root = tempfile::tempdir().unwrap();
+        fake_dmi(root.path(), cloud.dmi()).unwrap();
+        let r = run(root.path(), fake.url()).await;
+        let t = trail(&r);
+        let id = r
+            .identity
+            .unwrap_or_else(|| panic!("{cloud:?}: no identity:\n{t}"));
+        assert_eq!(id.instance_uuid, UUID, "{cloud:?}");
+        let reqs = fake.requests();
+        for other in Cloud::ALL {
+            assert_eq!(
+                asked(&reqs, other),
+                other == cloud,
+                "{cloud:?} node, {other:?}: {reqs:?}"
+            );
+        }
+        let skipped = t
+            .lines()
+            .filter(|l| l.contains(": not probed: the firmware does not name this cloud"))
+            .count();
+        let earlier = Cloud::ALL.iter().position(|c| *c == cloud).unwrap();
+        assert_eq!(
+            skipped, earlier,
+            "the clouds before {cloud:?} are skipped:\n{t}"
+        );
+    }
+}
+
+/// DMI saying "Hetzner": only Hetzner is asked, even though every cloud before it in the
+/// cascade order has a server answering on the metadata address.
+#[tokio::test]
+async fn hetzner_firmware_asks_only_hetzner() {
+    let fake = FakeMetadata::start(Cloud::Hetzner, UserData::Body(json_ud(UUID))).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    fake_dmi(
+        root.path(),
+        &[("sys_vendor", "Hetzner"), ("product_name", "vServer")],
+    )
+    .unwrap();
+    let r = run(root.path(), fake.url()).await;
+    let t = trail(&r);
+    assert_eq!(r.identity.map(|i| i.source), Some(Source::Hetzner), "{t}");
+    let reqs = fake.requests();
+    assert!(!reqs.is_empty());
+    assert!(
+        reqs.iter().all(|l| l.starts_with("GET /hetzner/")),
+        "{reqs:?}"
+    );
+    for name in ["aws", "gcp", "azure", "digitalocean"] {
+        assert!(
+            t.contains(&format!("{name}: not probed: the firmware does not name this cloud (sys_vendor=\"Hetzner\", product_name=\"vServer\")")),
+            "{name}:\n{t}"
+        );
+    }
+}
+
+/// A machine that is no cloud (QEMU, a laptop, a server on a LAN) sends nothing to the
+/// metadata address, whatever answers there; also when the DMI directory holds no vendor
+/// strings at all.
+#[tokio::test]
+async fn a_qemu_firmware_asks_no_cloud() {
+    for dmi in [QEMU_DMI, &[]] {
+        for cloud in Cloud::ALL {
+            let fake = FakeMetadata::start(cloud, UserData::Body(json_ud(UUID))).unwrap();
+            let root = tempfile::tempdir().unwrap();
+            fake_dmi(root.path(), dmi).unwrap();
+            put(root.path(), "etc/identity.cfg", "ID=from-cfg\n");
+            let r = run(root.path(), fake.url()).await;
+            let t = trail(&r);
+            assert_eq!(
+                r.identity.map(|i| i.source),
+                Some(Source::IdentityCfg),
+                "{t}"
+            );
+            assert_eq!(
+                fake.requests(),
+                Vec::<String>::new(),
+                "{cloud:?} fake, DMI {dmi:?}"
+            );
+            assert_eq!(
+                t.matches(": not probed: the firmware does not name this cloud")
+                    .count(),
+                5,
+                "{t}"
+            );
+        }
+    }
+}
+
+/// No DMI at all (no `/sys/class/dmi/id`): the only case where every cloud is asked.
+#[tokio::test]
+async fn without_dmi_every_cloud_is_asked() {
+    let fake = FakeMetadata::start(Cloud::Hetzner, UserData::Unset).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    put(root.path(), "etc/identity.cfg", "ID=from-cfg\n");
+    let r = run(root.path(), fake.url()).await;
+    assert_eq!(r.identity.map(|i| i.source), Some(Source::IdentityCfg));
+    let reqs = fake.requests();
+    for (cloud, detection) in DETECTIONS {
+        assert!(
+            reqs.iter().any(|l| l.starts_with(detection)),
+            "{cloud:?} not asked: {reqs:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn aws_uses_an_imdsv2_session_token() {
     let fake = FakeMetadata::start(Cloud::Aws, UserData::Body(json_ud(UUID))).unwrap();
@@ -372,6 +502,7 @@ async fn local_sources_before_the_clouds_send_nothing_and_clouds_beat_later_sour
     let r = root.path();
     // identity.cfg, DMI (with a platform URL) and a config drive rank below the clouds.
     put(r, "etc/identity.cfg", "ID=from-cfg\n");
+    fake_dmi(r, Cloud::Aws.dmi()).unwrap();
     put(
         r,
         "sys/class/dmi/id/product_uuid",

@@ -3,6 +3,10 @@
 //! AWS metadata service reached through `POWERNODE_METADATA_URL`. Checks the D-Bus properties
 //! with busctl, that no secret reaches the bus, and the 0600 cache.
 //!
+//! Every node here has QEMU's DMI strings (no cloud is asked) and a metadata URL on loopback
+//! where nothing listens, so no test sends a packet to the link-local metadata address; the AWS
+//! node has EC2's strings and its fake on loopback.
+//!
 //! Real fw-cfg and DMI discovery (QEMU `-fw_cfg`, `-uuid`) under the unit belongs to the VM tier
 //! (issue 7): a container sees the host's /sys.
 
@@ -14,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use powernode_integration_tests::bus::{Caller, PrivateBus, busctl};
-use powernode_integration_tests::metadata::{Cloud, FakeMetadata, UserData};
+use powernode_integration_tests::metadata::{
+    Cloud, FakeMetadata, QEMU_DMI, UserData, fake_dmi, refused_url,
+};
 use powernode_integration_tests::{bin, describe, run_ok, workspace_root};
 
 const NAME: &str = "com.powernode.Identity1";
@@ -133,7 +139,8 @@ fn wait_identity(bus: &PrivateBus, d: &mut Daemon) -> Result<String> {
     }
 }
 
-/// A node root: the given fixture trees, config with no idle exit and no guestinfo tool.
+/// A node root: the given fixture trees, QEMU's DMI strings, config with no idle exit, no
+/// guestinfo tool and a loopback metadata URL where nothing listens.
 fn node(trees: &[&str]) -> Result<tempfile::TempDir> {
     let root = tempfile::Builder::new().prefix("pn-idd-").tempdir()?;
     for t in trees {
@@ -149,9 +156,13 @@ fn node(trees: &[&str]) -> Result<tempfile::TempDir> {
     fs::create_dir_all(&etc)?;
     fs::write(
         etc.join("agent.toml"),
-        "[daemon]\nidle_exit_secs = 0\n[identity]\nvsphere_command = [\"/nonexistent/vmware-rpctool\"]\n",
+        format!(
+            "[daemon]\nidle_exit_secs = 0\n[identity]\nvsphere_command = [\"/nonexistent/vmware-rpctool\"]\nmetadata_url = \"{}\"\n",
+            refused_url()?
+        ),
     )?;
     fs::create_dir_all(root.path().join("run/powernode"))?;
+    fake_dmi(root.path(), QEMU_DMI)?;
     Ok(root)
 }
 
@@ -214,6 +225,8 @@ fn fake_aws_node_on_the_bus() -> Result<()> {
     let bus = PrivateBus::start()?;
     // identity.cfg ranks below the clouds: AWS must win.
     let root = node(&["identity-cfg"])?;
+    fs::remove_dir_all(root.path().join("sys/class/dmi"))?;
+    fake_dmi(root.path(), Cloud::Aws.dmi())?;
     let mut d = start(&bus, root.path(), &[("POWERNODE_METADATA_URL", fake.url())])?;
     // The name is owned at once; a call before that would be "not provided by any .service".
     wait_name(&bus, &mut d)?;
@@ -310,5 +323,61 @@ fn claim_polling_is_relayed_by_enrolld() -> Result<()> {
     ensure!(property(&bus, "Evidence")?.contains("claim code K7M2QX9P"));
     ensure!(claim.requests().len() == 2, "{:?}", claim.requests());
     check_no_secret_on_bus(&bus, "tok-claimed-secret")?;
+    Ok(())
+}
+
+/// `/persist/var/lib/powernode/identity.cfg` is writable by identityd's own user, and identityd
+/// can read root-only files: a `CA_PEM_FILE` naming a root-only file elsewhere (here a
+/// shadow-like `/etc/shadow`, mode 0400) is refused with a clear error, and its content lands
+/// neither in identity.json nor on the bus nor in the log.
+#[test]
+fn a_ca_pem_file_outside_its_identity_cfg_directory_is_refused() -> Result<()> {
+    const SECRET: &str = "SHADOWHASH-7f3a";
+    let bus = PrivateBus::start()?;
+    let root = node(&[])?;
+    let r = root.path();
+    fs::create_dir_all(r.join("etc"))?;
+    fs::write(
+        r.join("etc/shadow"),
+        format!("root:$6${SECRET}:19000:0:99999:7:::\n"),
+    )?;
+    fs::set_permissions(r.join("etc/shadow"), fs::Permissions::from_mode(0o400))?;
+    fs::create_dir_all(r.join("persist/var/lib/powernode"))?;
+    fs::write(
+        r.join("persist/var/lib/powernode/identity.cfg"),
+        "ID=55555555-5555-4555-8555-555555555555\nKEY=tok-persist\nCA_PEM_FILE=/etc/shadow\n",
+    )?;
+    let mut d = start(&bus, r, &[])?;
+    wait_name(&bus, &mut d)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let err = loop {
+        let e = property(&bus, "LastError")?;
+        if !e.is_empty() {
+            break e;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no LastError after 20 s:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let want = format!(
+        "{}/persist/var/lib/powernode/identity.cfg: CA_PEM_FILE /etc/shadow: outside {}/persist/var/lib/powernode",
+        r.display(),
+        r.display()
+    );
+    ensure!(err.contains(&want), "LastError {err:?}, want {want:?}");
+    ensure!(property(&bus, "InstanceId")?.is_empty());
+    ensure!(
+        !r.join("run/powernode/identity.json").exists(),
+        "an identity was cached"
+    );
+    check_no_secret_on_bus(&bus, SECRET)?;
+    ensure!(
+        !d.log().contains(SECRET),
+        "the file is in the log:\n{}",
+        d.log()
+    );
     Ok(())
 }

@@ -326,7 +326,15 @@ fn identity_cfg_quotes_export_and_bad_values() {
     for (cfg, needle) in [
         ("ID='bad id with spaces'\n", "not a UUID-like identifier"),
         ("ID=ok\nSERVER=http://plain\n", "https://"),
-        ("ID=ok\nCA_PEM_FILE=/boot/missing.pem\n", "CA_PEM_FILE"),
+        (
+            "ID=ok\nCA_PEM_FILE=/etc/missing.pem\n",
+            "CA_PEM_FILE /etc/missing.pem: ",
+        ),
+        // Only beside the identity.cfg that names it.
+        (
+            "ID=ok\nCA_PEM_FILE=/boot/ca.pem\n",
+            "CA_PEM_FILE /boot/ca.pem: outside",
+        ),
     ] {
         put(r, "etc/identity.cfg", cfg);
         let err = resolve(r).unwrap_err().to_string();
