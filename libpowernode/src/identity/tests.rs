@@ -277,7 +277,9 @@ fn the_firmware_names_the_cloud_to_probe() {
         Source::Digitalocean,
         Source::Hetzner,
     ];
-    let cases: &[(&[(&str, &str)], &[Source])] = &[
+    // (DMI file, value) pairs written, clouds expected to be probed.
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [Source]);
+    let cases: &[Case<'_>] = &[
         (
             &[
                 ("sys_vendor", "QEMU"),

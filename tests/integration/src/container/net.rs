@@ -58,6 +58,7 @@ fn guard_ruleset() -> String {
 }
 
 /// A container's network namespace with its guard, recorder and forwarders; removed on drop.
+#[derive(Debug)]
 pub struct NetworkGuard {
     name: String,
     path: PathBuf,
