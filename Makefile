@@ -17,11 +17,9 @@ IMAGE_DIR := build/images/bookworm
 #   dracut-core, dracut-network, zstd  `make initramfs` and the VM boot test (initramfs/build.sh).
 #       dracut-core has the `dracut` tool and does not conflict with initramfs-tools (the
 #       `dracut` package does, and would replace it); dracut-network has the systemd-networkd module.
-#   nftables, iproute2               each container gets its own network namespace whose nft guard
-#       records and refuses any connection beyond loopback (tests/integration/src/container/net.rs)
 DEB_PACKAGES := debootstrap systemd-container dbus util-linux passwd socat pkg-config libtss2-dev ca-certificates \
 	qemu-system-x86 busybox-static cpio kmod binutils e2fsprogs docker-registry erofs-utils fsverity \
-	dracut-core dracut-network zstd nftables iproute2
+	dracut-core dracut-network zstd
 
 .PHONY: all deps build image vm-assets initramfs lint test vm-test demo bench clean-images fuzz
 

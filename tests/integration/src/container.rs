@@ -11,11 +11,8 @@
 //! nspawn's seccomp filter or capability bounding set: assert sandboxing through units
 //! started inside (`systemd-run --wait --pipe -p …`), not through [`Container::exec`] itself.
 //!
-//! The container has a network namespace of its own ([`net::NetworkGuard`]): loopback, the
-//! metadata address served by a test-owned recorder, and the test's own loopback servers
-//! forwarded from the host's 127.0.0.1 (same port inside). Anything else the container tries to
-//! reach is recorded and refused by an nft guard, and [`Container::poweroff`] fails if anything
-//! was: a test never sends a packet past the namespace it made.
+//! The container shares the host's network namespace, so services inside reach a test
+//! server on the host's 127.0.0.1.
 
 use crate::{describe, require_root, require_tool, run, units, workspace_root};
 use anyhow::{Context, Result, bail};
@@ -25,9 +22,6 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
-
-pub mod net;
-use net::NetworkGuard;
 
 /// Written by mkimage.sh once the image is complete.
 pub const IMAGE_STAMP: &str = ".powernode-image-stamp";
@@ -129,8 +123,6 @@ pub struct Container {
     stopped: bool,
     _cgroups: ContainerCgroups,
     _install_tree: Option<tempfile::TempDir>,
-    /// Dropped after the container is down (fields drop after `Drop::drop`).
-    network: NetworkGuard,
 }
 
 impl Container {
@@ -203,7 +195,6 @@ impl Container {
 
         let log = fs::File::create(dir.path().join("boot.log"))?;
         let cgroups = ContainerCgroups::create(&name)?;
-        let network = NetworkGuard::create(&name)?;
         // sh joins the container's own cgroups, then becomes nspawn (same PID).
         let mut cmd = Command::new("sh");
         cmd.args(["-c", JOIN_CGROUPS_AND_EXEC, "sh"])
@@ -213,10 +204,6 @@ impl Container {
             .arg("--quiet")
             .arg(format!("--directory={}", merged.display()))
             .arg(format!("--machine={name}"))
-            .arg(format!(
-                "--network-namespace-path={}",
-                network.path().display()
-            ))
             .args(["--boot", "--register=no", "--keep-unit", "--console=pipe"])
             .args(["--link-journal=no", "--system-call-filter=bpf"])
             .arg("--capability=CAP_BPF,CAP_PERFMON");
@@ -253,7 +240,6 @@ impl Container {
             stopped: false,
             _install_tree: None,
             _cgroups: cgroups,
-            network,
         };
         container.leader = container.find_leader()?;
         Ok(container)
@@ -400,17 +386,9 @@ impl Container {
         ])
     }
 
-    /// The container's network namespace: forwarded ports, metadata requests, leaks.
-    pub fn network(&self) -> &NetworkGuard {
-        &self.network
-    }
-
-    /// Powers the container off cleanly and returns how long that took. Fails if anything in
-    /// the container tried to reach an address outside its network namespace.
+    /// Powers the container off cleanly and returns how long that took.
     pub fn poweroff(mut self) -> Result<Duration> {
-        let took = self.shutdown()?;
-        self.network.ensure_no_leaks()?;
-        Ok(took)
+        self.shutdown()
     }
 
     fn shutdown(&mut self) -> Result<Duration> {

@@ -1,31 +1,14 @@
 //! The suite installed into a booted Debian bookworm under systemd-nspawn: the system comes
 //! up, users, directories, units and policy are in place, and the SRE tools work inside.
-//! The daemons' own behaviour is not exercised here, except that identityd's cloud probes stay
-//! in the container's network namespace: the container reaches only its loopback, the
-//! namespace's metadata recorder and the test's own forwarded servers, and an attempt to reach
-//! anything else is refused and recorded (checked here, and by every `poweroff`).
+//! The daemons' own behaviour is not exercised here.
 
 use anyhow::{Result, ensure};
 use powernode_integration_tests::container::{Container, Image};
-use powernode_integration_tests::describe;
-use std::io::Write;
 use std::time::Instant;
-
-/// What the host-side server forwarded into the container says.
-const GREETING: &str = "hello-from-the-host";
-/// TEST-NET-1 (RFC 5737): an address outside the container that nothing should try to reach.
-const OUTSIDE: &str = "192.0.2.1";
 
 #[test]
 fn installed_suite_boots_in_a_container() -> Result<()> {
     let image = Image::bookworm()?;
-    // A server of the test on the host's loopback, listening before the boot: forwarded inside.
-    let host_server = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let host_port = host_server.local_addr()?.port();
-    let greeter = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut s, _) = host_server.accept()?;
-        s.write_all(format!("{GREETING}\n").as_bytes())
-    });
     let start = Instant::now();
     let container = Container::boot_installed(&image, &[])?;
     let state = container.wait_running()?;
@@ -140,66 +123,6 @@ fn installed_suite_boots_in_a_container() -> Result<()> {
             "{name} is not activatable:\n{activatable}"
         );
     }
-
-    // The network. The test's loopback server is reachable on the same port inside.
-    ensure!(
-        container.network().forwarded_ports().contains(&host_port),
-        "port {host_port} not forwarded: {:?}",
-        container.network().forwarded_ports()
-    );
-    let got = container.exec_ok(&[
-        "bash",
-        "-c",
-        &format!("exec 3<>/dev/tcp/127.0.0.1/{host_port}; head -n1 <&3"),
-    ])?;
-    ensure!(got.trim() == GREETING, "through the forwarder: {got:?}");
-    greeter.join().expect("greeter thread")?;
-
-    // identityd, asked who this node is, finds no source; its cloud probes (every cloud on a
-    // host without DMI: the container sees the host's /sys) reach only the namespace's recorder.
-    let resolve = container.exec(&[
-        "busctl",
-        "--timeout=30",
-        "call",
-        "com.powernode.Identity1",
-        "/com/powernode/Identity1",
-        "com.powernode.Identity1",
-        "Resolve",
-    ])?;
-    let answer = describe(&resolve);
-    println!("Resolve: {answer}");
-    ensure!(
-        !resolve.status.success() && answer.contains("no identity source matched"),
-        "Resolve: {answer}"
-    );
-    let probes = container.network().metadata_requests();
-    println!("metadata recorder: {probes:?}");
-    if !std::path::Path::new("/sys/class/dmi/id").exists() {
-        for detection in [
-            "PUT /latest/api/token",
-            "GET /computeMetadata/v1/",
-            "GET /metadata/instance?api-version=2021-02-01",
-            "GET /metadata/v1/id",
-            "GET /hetzner/v1/metadata/instance-id",
-        ] {
-            ensure!(
-                probes.iter().any(|p| p == detection),
-                "{detection:?} did not reach the recorder: {probes:?}"
-            );
-        }
-    }
-    container.network().ensure_no_leaks()?;
-
-    // The guard itself: a connection to an outside address is refused and recorded.
-    let out = container.exec(&["bash", "-c", &format!("echo > /dev/tcp/{OUTSIDE}/80")])?;
-    ensure!(
-        !out.status.success(),
-        "reached {OUTSIDE}:\n{}",
-        describe(&out)
-    );
-    let leaks = container.network().leaks()?;
-    ensure!(leaks == [OUTSIDE], "recorded leaks: {leaks:?}");
-    container.network().clear_leaks()?;
 
     let powered = Instant::now();
     let took = container.poweroff()?;
