@@ -7,8 +7,10 @@
 //! mismatch) never appears under a content address.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use aws_lc_rs::digest::SHA256;
+use oci_client::RegistryOperation;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::{OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageManifest};
 use oci_client::secrets::RegistryAuth;
@@ -44,10 +46,59 @@ pub enum PullError {
     Io(String),
 }
 
+/// Largest manifest or image index accepted. Real ones are a few KiB; the cap keeps a hostile
+/// registry from running the puller (the initramfs: root, no memory limit) out of memory
+/// before the digest check can refuse the bytes.
+pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// How long to wait for a TCP (and TLS) connection to a registry.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a registry may stay silent in the middle of a response (per read, not per
+/// transfer: a large blob on a slow but steady link is fine; a stalled one is not).
+pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Connect and read timeouts of a registry client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub read: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: CONNECT_TIMEOUT,
+            read: READ_TIMEOUT,
+        }
+    }
+}
+
+/// A registry client: oci-client for authentication and blobs, and a plain HTTP client of the
+/// same protocol and timeouts for manifests, which oci-client reads whole into memory.
+#[derive(Clone)]
+pub struct Registry {
+    oci: Client,
+    http: reqwest::Client,
+    scheme: &'static str,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("scheme", &self.scheme)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Plain HTTP only for loopback registries (tests, a local mirror); HTTPS everywhere else.
 /// Fails (instead of oci-client's `Client::new`, which falls back to a default client that
 /// panics) when no TLS client can be built, e.g. on a node without any CA certificates.
-pub fn client_for(registry: &str) -> Result<Client, PullError> {
+pub fn client_for(registry: &str) -> Result<Registry, PullError> {
+    client_with_timeouts(registry, Timeouts::default())
+}
+
+/// [`client_for`] with other timeouts.
+pub fn client_with_timeouts(registry: &str, timeouts: Timeouts) -> Result<Registry, PullError> {
     let host = registry.rsplit_once(':').map_or(registry, |(h, p)| {
         if p.chars().all(|c| c.is_ascii_digit()) {
             h
@@ -56,20 +107,33 @@ pub fn client_for(registry: &str) -> Result<Client, PullError> {
         }
     });
     let loopback = matches!(host, "127.0.0.1" | "localhost" | "[::1]");
-    let protocol = if loopback {
-        ClientProtocol::HttpsExcept(vec![registry.to_string()])
+    let (protocol, scheme) = if loopback {
+        (
+            ClientProtocol::HttpsExcept(vec![registry.to_string()]),
+            "http",
+        )
     } else {
-        ClientProtocol::Https
+        (ClientProtocol::Https, "https")
     };
-    Client::try_from(ClientConfig {
-        protocol,
-        ..ClientConfig::default()
-    })
-    .map_err(|e| {
+    let cannot = |e: &dyn std::fmt::Display| {
         PullError::Registry(format!(
             "cannot build a registry client for {registry} (are CA certificates installed?): {e}"
         ))
+    };
+    let oci = Client::try_from(ClientConfig {
+        protocol,
+        connect_timeout: Some(timeouts.connect),
+        read_timeout: Some(timeouts.read),
+        ..ClientConfig::default()
     })
+    .map_err(|e| cannot(&e))?;
+    let http = reqwest::Client::builder()
+        .connect_timeout(timeouts.connect)
+        .read_timeout(timeouts.read)
+        .https_only(!loopback)
+        .build()
+        .map_err(|e| cannot(&e))?;
+    Ok(Registry { oci, http, scheme })
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {
@@ -189,25 +253,70 @@ pub fn select_platform<'a>(index: &'a Index, arch: &str) -> Result<&'a IndexEntr
     }
 }
 
+/// GET a manifest or index by digest, reading at most [`MAX_MANIFEST_BYTES`] (an announced
+/// larger body is refused before its first byte), and check the bytes hash to the digest.
 async fn pull_verified_raw(
-    client: &Client,
+    client: &Registry,
     reference: &Reference,
     accept: &[&str],
 ) -> Result<Vec<u8>, PullError> {
     let want = reference
         .digest()
         .ok_or_else(|| PullError::Registry("reference is not pinned by digest".into()))?;
-    let (raw, _) = client
-        .pull_manifest_raw(reference, &RegistryAuth::Anonymous, accept)
+    let failed = |e: &dyn std::error::Error| {
+        PullError::Registry(format!("pulling manifest {reference}: {}", chain(e)))
+    };
+    // Anonymous pull; a registry asking for a bearer token gets oci-client's (cached) one.
+    let token = client
+        .oci
+        .auth(reference, &RegistryAuth::Anonymous, RegistryOperation::Pull)
         .await
-        .map_err(|e| PullError::Registry(format!("pulling manifest {reference}: {}", chain(&e))))?;
+        .map_err(|e| failed(&e))?;
+    let url = format!(
+        "{}://{}/v2/{}/manifests/{want}",
+        client.scheme,
+        reference.resolve_registry(),
+        reference.repository()
+    );
+    let mut req = client
+        .http
+        .get(&url)
+        .header(reqwest::header::ACCEPT, accept.join(", "));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let mut res = req.send().await.map_err(|e| failed(&e))?;
+    if !res.status().is_success() {
+        return Err(PullError::Registry(format!(
+            "pulling manifest {reference}: {url} answered {}",
+            res.status()
+        )));
+    }
+    let too_big = || {
+        PullError::Integrity(format!(
+            "manifest {reference} is larger than {MAX_MANIFEST_BYTES} bytes"
+        ))
+    };
+    if res
+        .content_length()
+        .is_some_and(|n| n > MAX_MANIFEST_BYTES as u64)
+    {
+        return Err(too_big());
+    }
+    let mut raw = Vec::new();
+    while let Some(chunk) = res.chunk().await.map_err(|e| failed(&e))? {
+        if raw.len() + chunk.len() > MAX_MANIFEST_BYTES {
+            return Err(too_big());
+        }
+        raw.extend_from_slice(&chunk);
+    }
     let got = format!("sha256:{}", sha256_hex(&raw));
     if got != want {
         return Err(PullError::Integrity(format!(
             "manifest digest is {got}, expected {want}"
         )));
     }
-    Ok(raw.to_vec())
+    Ok(raw)
 }
 
 /// Fetches the image manifest pinned by digest and checks the bytes hash to that digest. When
@@ -215,7 +324,7 @@ async fn pull_verified_raw(
 /// ([`crate::architecture`]) is chosen and fetched by its own digest, checked the same way.
 /// Returns the manifest and the digest it was fetched by.
 pub async fn pull_manifest(
-    client: &Client,
+    client: &Registry,
     reference: &Reference,
 ) -> Result<(OciImageManifest, String), PullError> {
     let raw = pull_verified_raw(
@@ -273,7 +382,7 @@ pub struct Stored {
 /// file, fsync, rename, fsync dir. Already present (and intact) → nothing is downloaded. A
 /// digest mismatch removes the partial file, so a bad byte is never resumed from.
 pub async fn pull_blob_to_store(
-    client: &Client,
+    client: &Registry,
     reference: &Reference,
     layer: &OciDescriptor,
     store: &Path,
@@ -339,11 +448,13 @@ pub async fn pull_blob_to_store(
     while have < size {
         let stream = if have == 0 {
             client
+                .oci
                 .pull_blob_stream(reference, layer)
                 .await
                 .map(|s| (s, false))
         } else {
             client
+                .oci
                 .pull_blob_stream_partial(reference, layer, have, None)
                 .await
                 .map(|r| match r {
@@ -439,7 +550,7 @@ pub async fn pull_blob_to_store(
 /// Pulls a small blob (the module's manifest.yaml) into memory, refusing one whose descriptor
 /// announces more than `cap` bytes, and checks size and digest before returning a byte.
 pub async fn pull_small_blob(
-    client: &Client,
+    client: &Registry,
     reference: &Reference,
     layer: &OciDescriptor,
     cap: usize,
@@ -457,6 +568,7 @@ pub async fn pull_small_blob(
         left: size,
     };
     client
+        .oci
         .pull_blob(reference, layer, &mut w)
         .await
         .map_err(|e| PullError::Registry(format!("pulling blob {}: {e}", layer.digest)))?;
@@ -581,5 +693,203 @@ mod tests {
         assert_eq!(r.digest(), Some(d.as_str()));
         assert!(pinned_reference("x/y:1", "md5:abc").is_err());
         assert!(digest_hex(&format!("sha256:{}", "A".repeat(64))).is_err());
+    }
+
+    /// A registry on loopback that answers `GET /v2/` (the auth probe) with 200 and every
+    /// other request with `answer`; returns its address.
+    async fn fake_registry<F, Fut>(answer: F) -> String
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut reader = tokio::io::BufReader::new(stream);
+                let mut request_line = String::new();
+                if reader.read_line(&mut request_line).await.is_err() {
+                    continue;
+                }
+                loop {
+                    let mut header = String::new();
+                    match reader.read_line(&mut header).await {
+                        Ok(n) if n > 2 => continue,
+                        _ => break,
+                    }
+                }
+                let mut stream = reader.into_inner();
+                if request_line.starts_with("GET /v2/ ") {
+                    let _ = stream
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                        )
+                        .await;
+                    continue;
+                }
+                tokio::spawn(answer(stream));
+            }
+        });
+        addr
+    }
+
+    fn pinned_at(addr: &str, digest: &str) -> Reference {
+        pinned_reference(&format!("{addr}/powernode/modules/web:1.0"), digest).expect("ref")
+    }
+
+    fn quick() -> Timeouts {
+        Timeouts {
+            connect: Duration::from_secs(1),
+            read: Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_registry_that_never_answers_times_out() {
+        // Accepts, reads the request, and then says nothing, holding the connection open.
+        let addr = fake_registry(|stream| async move {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            drop(stream);
+        })
+        .await;
+        // ... including the auth probe: a stalled registry at any step.
+        let stalled = {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let a = listener.local_addr().expect("addr").to_string();
+            tokio::spawn(async move {
+                let mut held = Vec::new();
+                while let Ok((s, _)) = listener.accept().await {
+                    held.push(s);
+                }
+            });
+            a
+        };
+        for addr in [addr, stalled] {
+            let client = client_with_timeouts(&addr, quick()).expect("client");
+            let reference = pinned_at(&addr, &format!("sha256:{}", "a".repeat(64)));
+            let started = std::time::Instant::now();
+            let r =
+                tokio::time::timeout(Duration::from_secs(20), pull_manifest(&client, &reference))
+                    .await
+                    .expect("the pull must give up on its own, not hang");
+            let e = r.expect_err("no manifest from a silent registry");
+            assert!(matches!(e, PullError::Registry(_)), "{e}");
+            assert!(e.to_string().contains("timed out"), "{e}");
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{:?}",
+                started.elapsed()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_huge_manifest_is_refused_at_the_cap_without_reading_it_all() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use tokio::io::AsyncWriteExt as _;
+        const HOSTILE: u64 = 100 * 1024 * 1024;
+        let sent = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&sent);
+        // No Content-Length: the body runs until the connection closes, so only a capped
+        // reader stops it.
+        let addr = fake_registry(move |mut stream| {
+            let counter = Arc::clone(&counter);
+            async move {
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: {OCI_IMAGE_MEDIA_TYPE}\r\nconnection: close\r\n\r\n"
+                );
+                if stream.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = vec![b' '; 64 * 1024];
+                while counter.load(Ordering::Relaxed) < HOSTILE {
+                    if stream.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                    counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+            }
+        })
+        .await;
+        let client = client_with_timeouts(&addr, quick()).expect("client");
+        let reference = pinned_at(&addr, &format!("sha256:{}", "b".repeat(64)));
+        let e = pull_manifest(&client, &reference)
+            .await
+            .expect_err("a 100 MiB manifest");
+        assert!(matches!(e, PullError::Integrity(_)), "{e}");
+        assert!(e.to_string().contains("larger than 4194304 bytes"), "{e}");
+        // Give the server a moment to notice the closed connection.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let n = sent.load(Ordering::Relaxed);
+        assert!(
+            n < HOSTILE / 4,
+            "the client read {n} bytes of a manifest capped at {MAX_MANIFEST_BYTES}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_announced_oversize_manifest_is_refused_before_its_body() {
+        use tokio::io::AsyncWriteExt as _;
+        let addr = fake_registry(|mut stream| async move {
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
+                MAX_MANIFEST_BYTES + 1
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+            // Then nothing: a client waiting for the body would time out instead.
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        })
+        .await;
+        let client = client_with_timeouts(&addr, quick()).expect("client");
+        let reference = pinned_at(&addr, &format!("sha256:{}", "c".repeat(64)));
+        let e = pull_manifest(&client, &reference)
+            .await
+            .expect_err("oversize");
+        assert!(e.to_string().contains("larger than"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_manifest_within_the_cap_is_digest_checked() {
+        use tokio::io::AsyncWriteExt as _;
+        let body = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_IMAGE_MEDIA_TYPE,
+            "config": {"mediaType": MODULE_CONFIG_MEDIA_TYPE, "digest": format!("sha256:{}", "d".repeat(64)), "size": 2},
+            "layers": []
+        })
+        .to_string();
+        let digest = format!("sha256:{}", sha256_hex(body.as_bytes()));
+        let served = body.clone();
+        let addr = fake_registry(move |mut stream| {
+            let served = served.clone();
+            async move {
+                let msg = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: {OCI_IMAGE_MEDIA_TYPE}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{served}",
+                    served.len()
+                );
+                let _ = stream.write_all(msg.as_bytes()).await;
+            }
+        })
+        .await;
+        let client = client_with_timeouts(&addr, quick()).expect("client");
+        let (m, d) = pull_manifest(&client, &pinned_at(&addr, &digest))
+            .await
+            .expect("a well-formed manifest");
+        assert_eq!(d, digest);
+        assert!(m.layers.is_empty());
+        let wrong = format!("sha256:{}", "e".repeat(64));
+        let e = pull_manifest(&client, &pinned_at(&addr, &wrong))
+            .await
+            .expect_err("digest mismatch");
+        assert!(matches!(e, PullError::Integrity(_)), "{e}");
     }
 }

@@ -208,7 +208,17 @@ pub fn check_certificate(
     Ok(info)
 }
 
-/// The PKI directory. Each credential set is one *generation* directory `gen/<serial>/`, written
+/// A generation's directory name: the lowercase hex SHA-256 of the certificate's DER. Unlike
+/// the serial, which the platform chooses and may repeat, it differs for every certificate, so a
+/// new key is never mistaken for an old generation. Generations named by serial (written before)
+/// still load: [`PkiStore::load`] follows `current` whatever the name.
+pub fn generation_name(cert_pem: &str) -> Result<String> {
+    let (_, p) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+        .map_err(|e| Error::malformed("certificate PEM", e))?;
+    Ok(crate::oci::sha256_hex(&p.contents))
+}
+
+/// The PKI directory. Each credential set is one *generation* directory `gen/<sha256>/`, written
 /// completely and fsync-ed before the `current` symlink is switched to it with one rename; the
 /// contract's file names (`node.key`, `node.crt`, …) are stable symlinks through `current`. So
 /// every reader sees one whole generation, and a crash at any step leaves either the old or the
@@ -269,7 +279,7 @@ impl PkiStore {
         remove_if_exists(&self.path(PENDING_KEY))
     }
 
-    /// The current generation's name (the serial), or `None` before enrollment. One readlink:
+    /// The current generation's name ([`generation_name`]), or `None` before enrollment. One readlink:
     /// cheap enough to check before every request, which is how clients pick up a rotation.
     pub fn generation(&self) -> Result<Option<String>> {
         let link = self.path(CURRENT);
@@ -323,11 +333,7 @@ impl PkiStore {
         ensure_shared_dir(&self.dir)?;
         let gens = self.path(GEN_DIR);
         ensure_shared_dir(&gens)?;
-        let name = if info.serial.is_empty() {
-            format!("x{:016x}", fastrand::u64(..))
-        } else {
-            info.serial.clone()
-        };
+        let name = generation_name(&resp.cert_pem)?;
         let staging = gens.join(format!(
             ".staging-{}-{:08x}",
             std::process::id(),
@@ -344,7 +350,8 @@ impl PkiStore {
         atomic_write(&staging.join(META), &meta_json, 0o644)?;
         let target = gens.join(&name);
         if target.exists() {
-            // Same serial twice (a replayed reply): the existing generation is identical.
+            // The same certificate twice (a replayed reply): it certifies the same key, so the
+            // existing generation is equivalent.
             std::fs::remove_dir_all(&staging).map_err(|e| Error::io("remove", &staging, e))?;
         } else {
             std::fs::rename(&staging, &target)
@@ -606,7 +613,8 @@ mod tests {
                 .commit(&resp, &key.serialize_pem(), &ca.pem, Some("https://p"))
                 .unwrap();
             let g = store.generation().unwrap().unwrap();
-            assert_eq!(g, CertInfo::from_pem(&resp.cert_pem).unwrap().serial);
+            assert_eq!(g, generation_name(&resp.cert_pem).unwrap());
+            assert_eq!(g.len(), 64, "hex SHA-256 of the DER: {g}");
             assert_eq!(store.load().unwrap().unwrap().key_pem, key.serialize_pem());
             gens.push(g);
         }
@@ -629,6 +637,131 @@ mod tests {
         assert_eq!(
             store.load().unwrap().unwrap().meta.platform_url.as_deref(),
             Some("https://p")
+        );
+    }
+
+    fn leaf_with_serial(ca: &Ca, key: &rcgen::KeyPair, cn: &str, serial: &[u8]) -> String {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(serial));
+        params.signed_by(key, &ca.issuer).unwrap().pem()
+    }
+
+    #[test]
+    fn a_reused_serial_with_a_new_key_is_a_new_generation() {
+        let d = tempfile::tempdir().unwrap();
+        let store = PkiStore::new(d.path());
+        let ca = ca("ca");
+        let old_key = generate_key().unwrap();
+        let old_cert = leaf_with_serial(&ca, &old_key, "inst-1", &[0x42, 0x07]);
+        store
+            .commit(
+                &reply(&ca, old_cert.clone(), "inst-1"),
+                &old_key.serialize_pem(),
+                &ca.pem,
+                Some("https://p"),
+            )
+            .unwrap();
+        let new_key = generate_key().unwrap();
+        let new_cert = leaf_with_serial(&ca, &new_key, "inst-1", &[0x42, 0x07]);
+        assert_eq!(
+            CertInfo::from_pem(&old_cert).unwrap().serial,
+            CertInfo::from_pem(&new_cert).unwrap().serial,
+            "the platform reused the serial"
+        );
+        store
+            .commit(
+                &reply(&ca, new_cert.clone(), "inst-1"),
+                &new_key.serialize_pem(),
+                &ca.pem,
+                None,
+            )
+            .unwrap();
+        let current = store.load().unwrap().unwrap();
+        assert_eq!(
+            current.key_pem,
+            new_key.serialize_pem(),
+            "the new key is current"
+        );
+        assert_eq!(current.cert_pem, new_cert);
+        assert_eq!(
+            store.generation().unwrap().as_deref(),
+            Some(generation_name(&new_cert).unwrap().as_str())
+        );
+        let mut left: Vec<_> = std::fs::read_dir(d.path().join(GEN_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut want = vec![
+            generation_name(&old_cert).unwrap(),
+            generation_name(&new_cert).unwrap(),
+        ];
+        want.sort();
+        assert_eq!(left, want, "both generations kept");
+        let key_in = |cert: &str| {
+            std::fs::read_to_string(
+                d.path()
+                    .join(GEN_DIR)
+                    .join(generation_name(cert).unwrap())
+                    .join(NODE_KEY),
+            )
+            .unwrap()
+        };
+        assert_eq!(key_in(&old_cert), old_key.serialize_pem());
+        assert_eq!(key_in(&new_cert), new_key.serialize_pem());
+    }
+
+    #[test]
+    fn a_serial_named_generation_from_before_still_loads_and_rotates() {
+        let d = tempfile::tempdir().unwrap();
+        let store = PkiStore::new(d.path());
+        let ca = ca("ca");
+        let key = generate_key().unwrap();
+        let cert = leaf(&ca, &key, "inst-1");
+        store
+            .commit(
+                &reply(&ca, cert.clone(), "inst-1"),
+                &key.serialize_pem(),
+                &ca.pem,
+                Some("https://p"),
+            )
+            .unwrap();
+        // Rename it as the serial-named layout had it, `current` pointing there.
+        let serial = CertInfo::from_pem(&cert).unwrap().serial;
+        let hashed = generation_name(&cert).unwrap();
+        std::fs::rename(
+            d.path().join(GEN_DIR).join(&hashed),
+            d.path().join(GEN_DIR).join(&serial),
+        )
+        .unwrap();
+        store.switch_current(&serial).unwrap();
+        assert_eq!(
+            store.generation().unwrap().as_deref(),
+            Some(serial.as_str())
+        );
+        assert_eq!(store.load().unwrap().unwrap().key_pem, key.serialize_pem());
+        // The next rotation checks against it and moves on to a SHA-256 name.
+        let k2 = generate_key().unwrap();
+        let c2 = leaf(&ca, &k2, "inst-1");
+        store
+            .commit(
+                &reply(&ca, c2.clone(), "inst-1"),
+                &k2.serialize_pem(),
+                &ca.pem,
+                None,
+            )
+            .unwrap();
+        assert_eq!(
+            store.generation().unwrap(),
+            Some(generation_name(&c2).unwrap())
+        );
+        assert!(
+            d.path().join(GEN_DIR).join(&serial).is_dir(),
+            "kept as the previous set"
         );
     }
 

@@ -198,6 +198,10 @@ pub struct Report {
 
 /// Apply `profile`: capabilities, then Landlock, then seccomp. Call before spawning threads.
 pub fn apply(profile: Profile, paths: &Paths) -> Result<Report> {
+    // No core dump and no same-uid ptrace or /proc/<pid>/mem: the process holds the node key,
+    // the JWT or a token.
+    nix::sys::prctl::set_dumpable(false)
+        .map_err(|e| Error::Sandbox(format!("PR_SET_DUMPABLE: {e}")))?;
     drop_caps(&profile.keep_caps())?;
     let landlock = apply_landlock(&FsRules::for_profile(profile, paths))?;
     apply_seccomp()?;

@@ -5,9 +5,7 @@
 //! daemon gets mounts made without holding any mount capability itself. Unit names for mount
 //! points follow `systemd-escape --path` ([`escape_path`]).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sd_notify::NotifyState;
 
@@ -38,47 +36,8 @@ pub fn watchdog_period() -> Option<Duration> {
     sd_notify::watchdog_enabled().map(|d| d / 2)
 }
 
-/// Tracks activity of an on-demand daemon so it can exit when nobody needs it.
-#[derive(Debug, Clone)]
-pub struct IdleTracker {
-    start: Instant,
-    last_ms: Arc<AtomicU64>,
-    limit: Option<Duration>,
-}
-
-impl IdleTracker {
-    /// `idle_secs == 0` disables idle exit.
-    pub fn new(idle_secs: u64) -> Self {
-        IdleTracker {
-            start: Instant::now(),
-            last_ms: Arc::new(AtomicU64::new(0)),
-            limit: (idle_secs > 0).then(|| Duration::from_secs(idle_secs)),
-        }
-    }
-
-    pub fn touch(&self) {
-        self.last_ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    fn idle_for(&self) -> Duration {
-        self.start.elapsed() - Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
-    }
-
-    /// Resolves once the daemon has been idle for the limit; never when disabled.
-    pub async fn wait_idle(&self) {
-        let Some(limit) = self.limit else {
-            return std::future::pending().await;
-        };
-        loop {
-            let idle = self.idle_for();
-            if idle >= limit {
-                return;
-            }
-            tokio::time::sleep(limit - idle).await;
-        }
-    }
-}
+/// Idle exit lives with the rest of the daemon lifecycle; re-exported here for existing callers.
+pub use crate::daemon::IdleTracker;
 
 /// `systemd-escape --path`: the unit-name form of an absolute path (`/run/a-b/c` →
 /// `run-a\x2db-c`), which a `.mount` unit for that `Where=` must be named after. Only

@@ -158,7 +158,14 @@ fn read_ca_file(
         // O_NONBLOCK: a FIFO planted there must not hang discovery; it is refused below.
         .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK)
         .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    let fd = openat2(&dirfd, rel, how).map_err(|e| match e {
+    let opened = match openat2(&dirfd, rel, how) {
+        // openat2 filtered (systemd 252's @system-service lacks it) or a kernel before 5.6:
+        // walk the path one component at a time, following no symlink at all — stricter than
+        // RESOLVE_BENEATH, which would follow one that stays inside.
+        Err(Errno::ENOSYS | Errno::EPERM) => open_beneath_without_links(&dirfd, rel),
+        other => other,
+    };
+    let fd = opened.map_err(|e| match e {
         Errno::ENOENT => format!("{} missing", full.display()),
         Errno::EXDEV | Errno::ELOOP => format!(
             "{} leads out of {} (symlink or mount)",
@@ -183,6 +190,43 @@ fn read_ca_file(
     }
     check_pem_certificates(&bytes).map_err(|why| format!("{}: {why}", full.display()))?;
     String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8", full.display()))
+}
+
+/// `rel` (no `..`, checked by the caller) below `dir`, every component opened with O_NOFOLLOW.
+fn open_beneath_without_links(
+    dir: &std::os::fd::OwnedFd,
+    rel: &Path,
+) -> nix::Result<std::os::fd::OwnedFd> {
+    use nix::fcntl::openat;
+    let parts: Vec<Component<'_>> = rel.components().collect();
+    let Some((last, walk)) = parts.split_last() else {
+        return Err(Errno::EINVAL);
+    };
+    let mut cur = dir.try_clone().map_err(|_| Errno::EBADF)?;
+    for part in walk {
+        let Component::Normal(name) = part else {
+            return Err(Errno::EXDEV);
+        };
+        cur = openat(
+            &cur,
+            *name,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+    }
+    let Component::Normal(name) = last else {
+        return Err(Errno::EXDEV);
+    };
+    openat(
+        &cur,
+        *name,
+        OFlag::O_RDONLY
+            | OFlag::O_CLOEXEC
+            | OFlag::O_NOCTTY
+            | OFlag::O_NONBLOCK
+            | OFlag::O_NOFOLLOW,
+        Mode::empty(),
+    )
 }
 
 /// PEM text that holds X.509 certificates and nothing else: every `-----BEGIN` block is a

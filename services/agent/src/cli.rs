@@ -2,10 +2,10 @@
 //! not implement yet say so and exit 1; they never pretend to succeed.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use powernode::config::Config;
 use powernode::enroll::{EnrollParams, Outcome};
@@ -82,10 +82,16 @@ pub struct ServiceArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("bootstrap").required(true).args(["token_file", "token"]))]
 pub struct EnrollArgs {
-    /// Bootstrap token (single use). URL-safe base64 may start with '-'.
-    #[arg(long, allow_hyphen_values = true)]
-    pub token: String,
+    /// File holding the bootstrap token (single use), `-` for standard input. Surrounding
+    /// whitespace is ignored.
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+    /// The bootstrap token itself. Deprecated: argv is readable by every local user
+    /// (/proc/<pid>/cmdline); use --token-file.
+    #[arg(long, allow_hyphen_values = true, hide = true)]
+    pub token: Option<String>,
     #[arg(long)]
     pub platform_url: String,
     /// PEM file with the CA bundle the platform's certificate must chain to.
@@ -175,13 +181,53 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("creating the async runtime")
 }
 
+/// A bootstrap token is a few hundred bytes; anything much larger is the wrong file.
+const MAX_TOKEN_BYTES: u64 = 64 * 1024;
+
+/// The bootstrap token from `--token-file` (`-`: standard input) or, deprecated, `--token`.
+fn bootstrap_token(file: Option<&Path>, inline: Option<String>) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let raw = match (file, inline) {
+        (Some(f), _) if f == Path::new("-") => {
+            let mut s = String::new();
+            std::io::stdin()
+                .take(MAX_TOKEN_BYTES + 1)
+                .read_to_string(&mut s)
+                .context("reading the bootstrap token from standard input")?;
+            s
+        }
+        (Some(f), _) => {
+            let mut s = String::new();
+            std::fs::File::open(f)
+                .and_then(|h| h.take(MAX_TOKEN_BYTES + 1).read_to_string(&mut s))
+                .with_context(|| format!("reading the bootstrap token from {}", f.display()))?;
+            s
+        }
+        (None, Some(t)) => {
+            tracing::warn!(
+                "--token puts the secret in argv, visible to every local user; use --token-file"
+            );
+            t
+        }
+        (None, None) => bail!("no bootstrap token: give --token-file PATH (or - for stdin)"),
+    };
+    if raw.len() as u64 > MAX_TOKEN_BYTES {
+        bail!("the bootstrap token file is larger than {MAX_TOKEN_BYTES} bytes");
+    }
+    let token = raw.trim();
+    if token.is_empty() {
+        bail!("the bootstrap token is empty");
+    }
+    Ok(token.to_string())
+}
+
 fn enroll(a: EnrollArgs, paths: &Paths) -> anyhow::Result<Report> {
     let cfg = Config::load(paths)?;
     let ca = std::fs::read_to_string(&a.ca)
         .with_context(|| format!("reading CA bundle {}", a.ca.display()))?;
     let store = PkiStore::new(a.out.unwrap_or_else(|| paths.pki_dir()));
     let params = EnrollParams {
-        bootstrap_token: a.token,
+        bootstrap_token: bootstrap_token(a.token_file.as_deref(), a.token)?,
         platform_url: a.platform_url,
         ca_bundle_pem: ca,
         subject: a.subject,
@@ -309,4 +355,54 @@ fn status(paths: &Paths) -> anyhow::Result<Report> {
         });
         Ok(Report::ok("status", obj(details)))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_comes_from_a_file_trimmed() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let f = d.path().join("token");
+        std::fs::write(&f, "-abc_DEF.123\n").expect("write");
+        assert_eq!(
+            bootstrap_token(Some(&f), None).expect("token"),
+            "-abc_DEF.123"
+        );
+        std::fs::write(&f, " \n").expect("write");
+        assert!(bootstrap_token(Some(&f), None).is_err(), "empty");
+        std::fs::write(&f, vec![b'a'; 70 * 1024]).expect("write");
+        assert!(bootstrap_token(Some(&f), None).is_err(), "oversize");
+        assert!(bootstrap_token(Some(&d.path().join("absent")), None).is_err());
+        assert!(bootstrap_token(None, None).is_err());
+        assert_eq!(
+            bootstrap_token(None, Some("t".into())).expect("inline"),
+            "t"
+        );
+    }
+
+    #[test]
+    fn enroll_needs_exactly_one_token_source() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec![
+                "powernode-agent",
+                "enroll",
+                "--platform-url",
+                "https://p",
+                "--ca",
+                "/c",
+                "--subject",
+                "s",
+            ];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv)
+        };
+        assert!(parse(&[]).is_err(), "no token source");
+        assert!(parse(&["--token-file", "/t", "--token=x"]).is_err(), "both");
+        let Command::Enroll(a) = parse(&["--token-file", "-"]).expect("stdin").command else {
+            panic!("not enroll");
+        };
+        assert_eq!(a.token_file.as_deref(), Some(Path::new("-")));
+    }
 }

@@ -264,10 +264,10 @@ impl CertService {
         emitter: &SignalEmitter<'_>,
         force: bool,
     ) -> Result<String, BusError> {
-        self.idle.touch();
+        // A rotation talks to the platform: no idle exit until it is done.
+        let _busy = self.idle.busy();
         let (status, result) = check(&self.paths, &self.cfg, Some(conn), force).await;
         let before = std::mem::replace(&mut self.status, status);
-        self.idle.touch();
         let s = &self.status;
         if before.serial != s.serial {
             self.serial_changed(emitter).await?;

@@ -142,9 +142,9 @@ impl EnrollService {
         #[zbus(connection)] conn: &zbus::Connection,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<String, BusError> {
-        self.idle.touch();
+        // Enrollment talks to the platform: no idle exit until it is done.
+        let _busy = self.idle.busy();
         let result = self.enroll_once(conn).await;
-        self.idle.touch();
         let before = self.status.clone();
         let event = match &result {
             Ok(Outcome::Enrolled(m)) | Ok(Outcome::ReEnrolled(m)) => Some((
@@ -205,7 +205,7 @@ impl EnrollService {
         ca_pem: &str,
         request_json: &str,
     ) -> Result<String, BusError> {
-        self.idle.touch();
+        let _busy = self.idle.busy();
         let r = powernode::identity::claim::post_claim(
             &self.cfg.platform,
             server,
@@ -213,7 +213,6 @@ impl EnrollService {
             request_json,
         )
         .await;
-        self.idle.touch();
         r.map_err(|e| {
             tracing::warn!(server, error = %e, "claim relay failed");
             BusError::from(e)

@@ -149,7 +149,7 @@ impl IdentityService {
     /// The identity's instance id: the cached one, or the result of the running (or a new)
     /// discovery.
     async fn resolve(&self) -> Result<String, BusError> {
-        self.idle.touch();
+        let _busy = self.idle.busy();
         let mut done = self.shared.done.subscribe();
         self.shared.kick();
         let wait = async {
@@ -169,7 +169,6 @@ impl IdentityService {
             }
         };
         let r = tokio::time::timeout(RESOLVE_WAIT, wait).await;
-        self.idle.touch();
         match r {
             Ok(Ok(id)) => Ok(id),
             Ok(Err(msg)) => Err(BusError::from(powernode::Error::Identity(msg))),

@@ -153,10 +153,14 @@ impl DevPlatform {
             std::os::unix::fs::symlink(Path::new("/proc").join(f), r.join("proc").join(f))?;
         }
         std::fs::create_dir_all(r.join("etc/powernode"))?;
+        // The token goes through a file, never argv (readable by every local user).
+        let token_dir = tempfile::tempdir()?;
+        let token_file = token_dir.path().join("bootstrap-token");
+        std::fs::write(&token_file, &token.token)?;
         let out = run(Command::new(bin("powernode-agent")?)
             .arg("enroll")
-            // `=`: a token may start with '-'.
-            .arg(format!("--token={}", token.token))
+            .arg("--token-file")
+            .arg(&token_file)
             .args([
                 "--platform-url",
                 &self.url,

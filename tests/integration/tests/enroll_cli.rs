@@ -39,17 +39,58 @@ impl Enroll {
     }
 }
 
+/// How `enroll` is handed the bootstrap token; never on the command line.
+#[derive(Clone, Copy)]
+enum TokenVia {
+    Stdin,
+    File,
+}
+
 fn enroll(url: &str, ca: &Path, token: &str, subject: &str, root: &Path) -> Result<Enroll> {
-    let out = run(Command::new(bin("powernode-agent")?)
-        .args(["enroll", "--json", "--platform-url", url])
-        // `--token=T`, not `--token T`: a url-safe base64 token may start with '-', which clap
-        // takes for a flag (product bug, reported; see services/agent/src/cli.rs EnrollArgs).
-        .arg(format!("--token={token}"))
+    enroll_via(TokenVia::Stdin, url, ca, token, subject, root)
+}
+
+fn enroll_via(
+    via: TokenVia,
+    url: &str,
+    ca: &Path,
+    token: &str,
+    subject: &str,
+    root: &Path,
+) -> Result<Enroll> {
+    use std::io::Write as _;
+    let token_dir = tempfile::tempdir()?;
+    let token_file = token_dir.path().join("bootstrap-token");
+    let mut cmd = Command::new(bin("powernode-agent")?);
+    cmd.args(["enroll", "--json", "--platform-url", url])
         .arg("--ca")
         .arg(ca)
         .args(["--subject", subject])
         .arg("--root")
-        .arg(root))?;
+        .arg(root)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    match via {
+        TokenVia::Stdin => {
+            cmd.args(["--token-file", "-"])
+                .stdin(std::process::Stdio::piped());
+        }
+        TokenVia::File => {
+            std::fs::write(&token_file, format!("{token}\n"))?;
+            cmd.arg("--token-file")
+                .arg(&token_file)
+                .stdin(std::process::Stdio::null());
+        }
+    }
+    ensure!(
+        !cmd.get_args().any(|a| a.to_string_lossy().contains(token)),
+        "the bootstrap token is in argv: {cmd:?}"
+    );
+    let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(format!("{token}\n").as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
     let code = out.status.code().context("enroll killed by a signal")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let json: Value = serde_json::from_str(stdout.trim()).with_context(|| {
@@ -243,6 +284,47 @@ fn enroll_writes_pki_with_modes_and_is_idempotent() -> Result<()> {
         std::fs::read(dir.join("node.crt"))? == crt_before,
         "already-enrolled run rewrote node.crt"
     );
+    Ok(())
+}
+
+#[test]
+fn token_from_a_file_enrolls_and_a_missing_file_sends_nothing() -> Result<()> {
+    let p = DevPlatform::start(&[])?;
+    let t = p.token(None)?;
+    let node = tempfile::tempdir()?;
+    // A token file that does not exist: refused before anything is sent or written.
+    let out = run(Command::new(bin("powernode-agent")?)
+        .args(["enroll", "--json", "--platform-url", &p.url])
+        .arg("--ca")
+        .arg(&p.ca_path)
+        .args(["--subject", &t.instance_uuid])
+        .arg("--token-file")
+        .arg(node.path().join("absent"))
+        .arg("--root")
+        .arg(node.path()))?;
+    ensure!(
+        !out.status.success(),
+        "enroll without a token file succeeded"
+    );
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).contains("reading the bootstrap token from"),
+        "{}",
+        describe(&out)
+    );
+    assert_no_credentials(node.path(), true)?;
+    ensure!(p.instance(&t.instance_uuid)?.is_none());
+
+    let e = enroll_via(
+        TokenVia::File,
+        &p.url,
+        &p.ca_path,
+        &t.token,
+        &t.instance_uuid,
+        node.path(),
+    )?;
+    ensure!(e.code == 0, "enroll --token-file: {}", e.ctx());
+    ensure!(e.json["result"] == "enrolled", "{}", e.json);
+    ensure!(certificates_issued(&p, &t.instance_uuid)?.len() == 1);
     Ok(())
 }
 

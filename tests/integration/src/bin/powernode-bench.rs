@@ -375,9 +375,12 @@ fn enroll(platform: &DevPlatform) -> Result<(tempfile::TempDir, f64)> {
         "etc/powernode/agent.toml",
         "[daemon]\nidle_exit_secs = 0\n",
     )?;
+    let token_file = r.join("bootstrap-token");
+    std::fs::write(&token_file, &token.token)?;
     let mut cmd = Command::new(bin("powernode-agent")?);
     cmd.arg("enroll")
-        .arg(format!("--token={}", token.token))
+        .arg("--token-file")
+        .arg(&token_file)
         .args([
             "--platform-url",
             &platform.url,
