@@ -782,7 +782,8 @@ impl MountService {
         #[zbus(connection)] conn: &zbus::Connection,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<String, BusError> {
-        self.idle.touch();
+        // Not idle while the call runs, however long the platform or the registry takes.
+        let _busy = self.idle.busy();
         let before = self.snapshot();
         let r = self.do_attach(conn, id).await;
         self.finish(&emitter, before, r).await
@@ -795,7 +796,8 @@ impl MountService {
         #[zbus(connection)] conn: &zbus::Connection,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<u64, BusError> {
-        self.idle.touch();
+        // Not idle while the call runs, however long the platform or the registry takes.
+        let _busy = self.idle.busy();
         let before = self.snapshot();
         let r = self.do_detach(conn, id).await;
         self.finish(&emitter, before, r).await
@@ -807,7 +809,8 @@ impl MountService {
         #[zbus(connection)] conn: &zbus::Connection,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<u64, BusError> {
-        self.idle.touch();
+        // Not idle while the call runs, however long the platform or the registry takes.
+        let _busy = self.idle.busy();
         let before = self.snapshot();
         let r = self.do_sync(conn).await;
         self.finish(&emitter, before, r).await

@@ -416,3 +416,53 @@ fn rewritten_store_image_or_state_json_is_refused_before_any_mount() -> Result<(
     ensure!(msg.contains("no signature bundle stored"), "{msg}");
     Ok(())
 }
+
+/// mountd must not exit idle in the middle of a call: with `idle_exit_secs = 2` and a platform
+/// that accepts the connection and never answers, a `Sync` keeps the daemon up (on the bus,
+/// the call still running) well past the idle limit, and it fails with the platform's reason
+/// instead of "recipient disconnected without replying".
+#[test]
+fn a_slow_call_keeps_mountd_from_exiting_idle() -> Result<()> {
+    let mut node = Node::start()?;
+    fs::write(
+        node.root.path().join("etc/powernode/agent.toml"),
+        "[daemon]\nidle_exit_secs = 2\n",
+    )?;
+    // The platform goes quiet: its port now accepts and never says a word.
+    let addr = node
+        .platform
+        .url
+        .trim_start_matches("https://")
+        .split('/')
+        .next()
+        .context("platform address")?
+        .to_string();
+    node.platform.stop()?;
+    let silent = std::net::TcpListener::bind(&addr)?;
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    std::thread::spawn(move || {
+        for s in silent.incoming().flatten() {
+            keep.lock().map(|mut v| v.push(s)).ok();
+        }
+    });
+    let mut mountd = node.spawn("powernode-mountd")?;
+    node.wait_name(NAME, &mountd)?;
+    let address = node.bus.address().to_string();
+    let call = std::thread::spawn(move || {
+        busctl(
+            &address,
+            &Caller::root(),
+            &["--timeout=120", "call", NAME, PATH, NAME, "Sync"],
+        )
+    });
+    std::thread::sleep(Duration::from_secs(6));
+    ensure!(
+        mountd.child.try_wait()?.is_none(),
+        "mountd exited in the middle of Sync:\n{}",
+        mountd.log()
+    );
+    ensure!(!call.is_finished(), "Sync ended early:\n{}", mountd.log());
+    drop(held);
+    Ok(())
+}
