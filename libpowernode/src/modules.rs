@@ -263,6 +263,15 @@ pub fn check_module_name(name: &str) -> Result<(), ModuleError> {
     Ok(())
 }
 
+/// The module name checked (it goes into a path) and the store's hex name of `digest`.
+fn checked_store_hex<'a>(module: &str, digest: &'a str) -> Result<&'a str, ModuleError> {
+    check_module_name(module)?;
+    store_hex(digest).ok_or_else(|| ModuleError::Verification {
+        module: module.to_string(),
+        reason: format!("malformed digest {digest:?}"),
+    })
+}
+
 /// `sha256:<64 lowercase hex>` → the hex, else `None` (a digest names a file in the store).
 fn store_hex(digest: &str) -> Option<&str> {
     let hex = digest.strip_prefix("sha256:")?;
@@ -518,12 +527,7 @@ pub fn save_bundle(
     module: &str,
     bundle_json: &[u8],
 ) -> Result<(), ModuleError> {
-    check_module_name(module)?;
-    let refuse = |reason: String| ModuleError::Verification {
-        module: module.to_string(),
-        reason,
-    };
-    let hex = store_hex(digest).ok_or_else(|| refuse(format!("malformed digest {digest:?}")))?;
+    let hex = checked_store_hex(module, digest)?;
     let path = stored_bundle_path(paths, hex, module);
     crate::fsutil::ensure_dir(&store_dir(paths), 0o755)
         .and_then(|()| crate::fsutil::atomic_write(&path, bundle_json, 0o644))
@@ -547,12 +551,11 @@ pub fn verify_stored(
     fsverity: &str,
     trust: &NodeTrust,
 ) -> Result<VerifiedImage, ModuleError> {
-    check_module_name(module)?;
+    let hex = checked_store_hex(module, digest)?;
     let refuse = |reason: String| ModuleError::Verification {
         module: module.to_string(),
         reason,
     };
-    let hex = store_hex(digest).ok_or_else(|| refuse(format!("malformed digest {digest:?}")))?;
     let bundle_path = stored_bundle_path(paths, hex, module);
     let bundle_json = crate::fsutil::read_optional(&bundle_path, MAX_STORED_BUNDLE)
         .map_err(|e| refuse(format!("stored bundle: {e}")))?
@@ -575,12 +578,11 @@ fn verify_image(
     trust: &NodeTrust,
     bundle_json: &[u8],
 ) -> Result<VerifiedImage, ModuleError> {
-    check_module_name(module)?;
+    let hex = checked_store_hex(module, digest)?;
     let refuse = |reason: String| ModuleError::Verification {
         module: module.to_string(),
         reason,
     };
-    let hex = store_hex(digest).ok_or_else(|| refuse(format!("malformed digest {digest:?}")))?;
     let artifact = Artifact::parse_digest(digest)
         .ok_or_else(|| refuse(format!("malformed digest {digest:?}")))?;
     let bundle = verify::Bundle::from_json(bundle_json)

@@ -160,37 +160,48 @@ pub fn enqueue(state: &Path, instance: &str, command: &str, options: Value) -> R
 
 /// Admin: cancel a task that has not ended (the agent sees it disappear from its list).
 pub fn cancel(state: &Path, id: &str) -> Result<Task> {
-    Store::open(state)?.transact(|s| {
-        let t = s
-            .tasks
-            .get_mut(id)
-            .with_context(|| format!("no task {id:?}"))?;
-        anyhow::ensure!(
-            OPEN.contains(&t.status.as_str()),
-            "task {id} is already {}",
-            t.status
-        );
-        t.status = CANCELLED.to_owned();
-        t.event("cancelled", "Cancelled by the admin CLI", now());
-        Ok((t.clone(), Outcome::Changed))
-    })
+    transition(
+        state,
+        id,
+        &OPEN,
+        CANCELLED,
+        ("cancelled", "Cancelled by the admin CLI"),
+    )
 }
 
 /// Admin: what the upstream server's own executor does with a new task: take it
 /// (`pending → running`) and run it server-side. The node must leave such a task alone.
 pub fn dispatch(state: &Path, id: &str) -> Result<Task> {
+    transition(
+        state,
+        id,
+        &[PENDING],
+        RUNNING,
+        ("dispatched", "Taken by the server's own executor"),
+    )
+}
+
+/// Moves task `id` from one of `from` to `to`, recording `event` (kind, message).
+fn transition(
+    state: &Path,
+    id: &str,
+    from: &[&str],
+    to: &str,
+    (kind, message): (&str, &str),
+) -> Result<Task> {
     Store::open(state)?.transact(|s| {
         let t = s
             .tasks
             .get_mut(id)
             .with_context(|| format!("no task {id:?}"))?;
         anyhow::ensure!(
-            t.status == PENDING,
-            "task {id} is {}, not pending",
-            t.status
+            from.contains(&t.status.as_str()),
+            "task {id} is {}, not {}",
+            t.status,
+            from.join(" or ")
         );
-        t.status = RUNNING.to_owned();
-        t.event("dispatched", "Taken by the server's own executor", now());
+        t.status = to.to_owned();
+        t.event(kind, message, now());
         Ok((t.clone(), Outcome::Changed))
     })
 }
